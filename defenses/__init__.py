@@ -1,0 +1,2 @@
+"""Defenses: declarative training recipes (`defenses.recipes`), the one training loop and the checkpoint
+cache (`defenses.train`)."""

@@ -1,0 +1,120 @@
+"""Command line: `python -m harness run|report|check|list`."""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEFAULT_SPEC = "benchmarks/mnist-quick.toml"
+LISTS = ("attacks", "defenses", "models", "datasets", "checks")
+
+
+def default_home() -> Path:
+    return Path(os.environ.get("HARNESS_HOME", REPO_ROOT / ".harness"))
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    for name, text in (("run", "run every missing cell of a benchmark, then render its leaderboard"),
+                       ("report", "render the leaderboard from the results store (computes nothing)"),
+                       ("check", "regenerate a leaderboard from scratch and compare it with the committed one")):
+        command = sub.add_parser(name, help=text, description=text)
+        command.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"benchmark TOML (default {DEFAULT_SPEC})")
+        command.add_argument("--home", type=Path, default=None,
+                             help="folder for the results store and checkpoint cache (default $HARNESS_HOME or ./.harness)")
+        command.add_argument("--out", type=Path, default=REPO_ROOT / "leaderboards", help="leaderboard folder")
+        command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+        command.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "check":
+            command.add_argument("--tolerance", type=float, default=1.0, help="allowed drift in percentage points")
+    listing = sub.add_parser("list", help="list registered entries", description="list registered entries")
+    listing.add_argument("what", choices=LISTS)
+    return parser
+
+
+def _list(what: str) -> int:
+    import harness.plugins  # noqa: F401
+    from harness.registry import ATTACKS, CHECKS, DATASETS, DEFENSES, MODELS
+
+    registry = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS, "checks": CHECKS}[what]
+    if not len(registry):
+        print(f"(no {what} registered yet)")
+    for name, entry in registry.items():
+        doc = (entry.__doc__ or "").strip().splitlines()
+        extra = ""
+        if what == "attacks":
+            attack = entry()
+            extra = f"[{attack.norm.value}{', reads true label' if attack.uses_true_label else ''}] "
+        print(f"{name:20s} {extra}{doc[0] if doc else ''}")
+    return 0
+
+
+def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> Path:
+    from harness import report, spec as spec_module
+    from harness.data import load_dataset
+    from harness.matrix import resolve_device, run
+    from harness.store import ResultStore
+
+    spec = spec_module.load(args.spec)
+    data = load_dataset(spec.dataset, **dict(spec.dataset_options))
+    with ResultStore(home / "results.sqlite") as store:
+        if compute:
+            started = time.perf_counter()
+            summary = run(spec, store=store, cache_dir=home / "checkpoints", device=resolve_device(args.device),
+                          progress=not args.no_progress, data=data)
+            print(f"harness: {spec.name}: {summary.planned} cells, {summary.computed} computed, "
+                  f"{summary.skipped} already in the store, {len(summary.failed)} failed "
+                  f"({time.perf_counter() - started:.1f} s)")
+            if summary.failed:
+                for cell, reason in summary.failed:
+                    print(f"  FAILED {cell}: {reason}", file=sys.stderr)
+                raise SystemExit(f"harness: {len(summary.failed)} cells failed; leaderboard not written. "
+                                 "Finished cells are kept in the store; fix the cause and run again.")
+        command = f"python -m harness run {shlex.quote(str(args.spec))}"
+        path = report.write(spec, store, data, out, command=command)
+    print(f"harness: wrote {path}")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "list":
+        return _list(args.what)
+    from harness.spec import SpecError
+
+    try:
+        if args.command in ("run", "report"):
+            _run_and_render(args, args.home or default_home(), args.out, compute=args.command == "run")
+            return 0
+        from harness import report
+        from harness.spec import load
+
+        committed = args.out / f"{load(args.spec).name}.md"
+        if not committed.is_file():
+            print(f"harness check: no committed leaderboard at {committed}", file=sys.stderr)
+            return 1
+        with tempfile.TemporaryDirectory(prefix="harness-check-") as scratch:
+            scratch = Path(scratch)
+            fresh = _run_and_render(args, args.home or scratch / "home", scratch / "leaderboards", compute=True)
+            problems = report.compare(committed.read_text(), fresh.read_text(), tolerance=args.tolerance)
+        if problems:
+            print(f"harness check: {committed} drifted from the code ({len(problems)} differences beyond "
+                  f"{args.tolerance} points):", file=sys.stderr)
+            for problem in problems:
+                print(f"  {problem}", file=sys.stderr)
+            return 1
+        print(f"harness check: {committed} matches a from-scratch regeneration within {args.tolerance} points")
+        return 0
+    except (SpecError, FileNotFoundError, ValueError, KeyError) as error:
+        print(f"harness: error: {error}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

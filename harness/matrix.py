@@ -1,0 +1,280 @@
+"""The evaluation matrix: defense x attack x norm x eps cells, run by an executor, written by the driver.
+
+A cell is an independent unit of work: given its defense's model and the evaluation data it returns
+per-example outcome vectors and its cost. Executors only compute; the driver (`run`) alone writes the
+store, one transaction per cell, so an interrupted run resumes where it stopped.
+"""
+from __future__ import annotations
+
+import datetime
+import hashlib
+import json
+import platform
+import subprocess
+import sys
+import time
+import traceback
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator
+
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from defenses.train import checkpoint_key, file_sha256, load_checkpoint_model, obtain_checkpoint
+from harness.counting import EvaluationCounter
+from harness.data import Dataset, load_dataset
+from harness.models import load_external
+from harness.spec import AttackSpec, BenchmarkSpec, DefenseSpec
+from harness.store import CellRecord, ResultStore
+from harness.threat import verify
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+CLEAN = "clean"
+
+
+# --- provenance -------------------------------------------------------------------------------------
+
+def library_versions() -> dict[str, str]:
+    import numpy
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    for name, module in (("art", "art"), ("torchattacks", "torchattacks")):
+        try:
+            versions[name] = __import__(module).__version__
+        except ImportError:
+            versions[name] = "not installed"
+    return versions
+
+
+def code_commit() -> str:
+    """The git commit of the harness code, with '-dirty' when tracked files differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
+
+
+# --- defenses ---------------------------------------------------------------------------------------
+
+def defense_key(defense: DefenseSpec, data: Dataset, seed: int) -> str:
+    """Identity of the model a defense row evaluates: its checkpoint key, or a hash of the external files."""
+    if defense.recipe is not None:
+        return checkpoint_key(defense.recipe, data, seed)
+    external = defense.external
+    if not external.weights.is_file():
+        raise FileNotFoundError(f"defense {defense.name!r}: external weights {str(external.weights)!r} not found")
+    payload = [external.factory, list(external.options), file_sha256(external.weights)]
+    return "ext-" + hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:16]
+
+
+@dataclass(frozen=True)
+class PreparedDefense:
+    """A defense ready for evaluation: trained (checkpoint on disk) or external (factory + weights)."""
+
+    spec: DefenseSpec
+    key: str
+    weights: Path
+    training: dict
+
+    def load_model(self, data: Dataset, device: torch.device) -> torch.nn.Module:
+        if self.spec.recipe is not None:
+            from defenses.train import Checkpoint
+
+            return load_checkpoint_model(self.spec.recipe, data, Checkpoint(self.key, self.weights, self.training), device)
+        external = self.spec.external
+        return load_external(external.factory, external.weights, dict(external.options)).to(device).eval()
+
+
+def prepare_defense(defense: DefenseSpec, data: Dataset, *, seed: int, cache_dir: Path, device: torch.device,
+                    progress: bool = True) -> PreparedDefense:
+    """Train (or load from the cache) a recipe; check that an external model loads."""
+    if defense.recipe is not None:
+        checkpoint = obtain_checkpoint(defense.recipe, data, seed=seed, cache_dir=cache_dir, device=device, progress=progress)
+        return PreparedDefense(defense, checkpoint.key, checkpoint.weights, checkpoint.log)
+    prepared = PreparedDefense(defense, defense_key(defense, data, seed), defense.external.weights, {})
+    prepared.load_model(data, device)  # fail now, with the factory's or the file's error, not inside a cell
+    return prepared
+
+
+def describe_defense(defense: DefenseSpec) -> dict:
+    if defense.recipe is not None:
+        return {"recipe": defense.recipe.as_dict()}
+    external = defense.external
+    return {"factory": external.factory, "weights": str(external.weights), "options": dict(external.options)}
+
+
+# --- cells ------------------------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Cell:
+    """One unit of work: a defense's model under one attack at one eps (or the clean evaluation)."""
+
+    key: str
+    defense: str
+    defense_key: str
+    attack: AttackSpec | None  # None: the clean evaluation
+    eps: float
+    seed: int
+
+    @property
+    def label(self) -> str:
+        return CLEAN if self.attack is None else self.attack.label
+
+    @property
+    def norm(self) -> str:
+        return "none" if self.attack is None else self.attack.norm.value
+
+    def describe(self) -> str:
+        return f"{self.defense} / {self.label}" + ("" if self.attack is None else f" / {self.norm} eps={self.eps:g}")
+
+
+def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
+    """Every cell of the matrix, keyed by everything that decides its outcome."""
+    cells = []
+    for defense in spec.defenses:
+        model_key = defense_key(defense, data, spec.seed)
+        points = [(None, 0.0)] + [(attack, eps) for attack in spec.attacks for eps in attack.eps]
+        for attack, eps in points:
+            identity = {
+                "data": [data.name, data.fingerprint, spec.eval_examples, spec.batch_size], "model": model_key,
+                "attack": None if attack is None else [attack.attack_id, [list(o) for o in attack.options], attack.norm.value],
+                "eps": eps, "seed": spec.seed,
+            }
+            key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
+            cells.append(Cell(key, defense.name, model_key, attack, eps, seed=int(key[:8], 16)))
+    return cells
+
+
+@dataclass(frozen=True)
+class CellOutcome:
+    clean_correct: np.ndarray
+    adv_correct: np.ndarray
+    seconds: float
+    forward_evals: int
+    gradient_evals: int
+
+
+def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
+                  device: torch.device) -> CellOutcome:
+    """Attack `model` on (x, y) batch by batch; every adversarial batch must pass the threat model."""
+    attack = None if cell.attack is None else cell.attack.build()
+    counter = EvaluationCounter(model)
+    generator = torch.Generator().manual_seed(cell.seed)
+    clean_parts, adv_parts, seconds = [], [], 0.0
+    for begin in range(0, len(x), batch_size):
+        xb, yb = x[begin : begin + batch_size].to(device), y[begin : begin + batch_size].to(device)
+        if attack is None:  # the clean evaluation's cost is its one forward pass
+            start = time.perf_counter()
+            with torch.no_grad():
+                clean_pred = adv_pred = counter(xb).argmax(1)
+            seconds += time.perf_counter() - start
+        else:  # an attack's cost excludes the harness's own clean and adversarial predictions
+            with torch.no_grad():
+                clean_pred = model(xb).argmax(1)
+            start = time.perf_counter()
+            x_adv = attack(counter, xb, yb, eps=cell.eps, generator=generator)
+            seconds += time.perf_counter() - start
+            verify(xb, x_adv, cell.attack.norm, cell.eps)
+            with torch.no_grad():
+                adv_pred = model(x_adv).argmax(1)
+        clean_parts.append((clean_pred == yb).cpu().numpy())
+        adv_parts.append((adv_pred == yb).cpu().numpy())
+    return CellOutcome(np.concatenate(clean_parts), np.concatenate(adv_parts), seconds,
+                       counter.forward_evals, counter.gradient_evals)
+
+
+class CellRunner:
+    """Computes cells; holds what a worker needs (data, prepared defenses) and loads each model once."""
+
+    def __init__(self, spec: BenchmarkSpec, data: Dataset, defenses: dict[str, PreparedDefense], device: torch.device):
+        self.data, self.defenses, self.device = data, defenses, device
+        self.batch_size = spec.batch_size
+        self.x = data.x_test[: spec.eval_examples]
+        self.y = data.y_test[: spec.eval_examples]
+        self._models: dict[str, torch.nn.Module] = {}
+
+    def __call__(self, cell: Cell) -> CellOutcome:
+        if cell.defense_key not in self._models:
+            self._models[cell.defense_key] = self.defenses[cell.defense].load_model(self.data, self.device)
+        return evaluate_cell(cell, self._models[cell.defense_key], self.x, self.y, batch_size=self.batch_size,
+                             device=self.device)
+
+
+class SequentialExecutor:
+    """Runs cells one after another in this process; yields (cell, outcome or the exception it raised)."""
+
+    def map(self, function: Callable[[Cell], CellOutcome], cells: Iterable[Cell]) -> Iterator[tuple[Cell, object]]:
+        for cell in cells:
+            try:
+                yield cell, function(cell)
+            except Exception as error:  # a failing cell is reported; the others still run
+                error.traceback_text = traceback.format_exc()
+                yield cell, error
+
+
+@dataclass
+class RunSummary:
+    planned: int
+    computed: int
+    skipped: int
+    failed: list[tuple[str, str]]
+
+
+def resolve_device(name: str = "auto") -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError("device 'cuda' requested but torch.cuda.is_available() is False; use 'cpu' or 'auto'")
+    return device
+
+
+def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: torch.device,
+        executor=None, progress: bool = True, data: Dataset | None = None) -> RunSummary:
+    """Run every cell of `spec` that the store does not have yet; only this driver writes the store."""
+    data = data if data is not None else load_dataset(spec.dataset, **dict(spec.dataset_options))
+    if spec.eval_examples > len(data.x_test):
+        raise ValueError(f"{spec.path}: [benchmark.eval_examples] {spec.eval_examples} exceeds the "
+                         f"{len(data.x_test)} test examples of {data.name}")
+    cells = plan(spec, data)
+    todo = [cell for cell in cells if not store.has(cell.key)]
+    summary = RunSummary(planned=len(cells), computed=0, skipped=len(cells) - len(todo), failed=[])
+    if not todo:
+        return summary
+    needed = {cell.defense for cell in todo}
+    prepared = {}
+    for defense in spec.defenses:
+        if defense.name in needed:
+            prepared[defense.name] = prepare_defense(defense, data, seed=spec.seed, cache_dir=cache_dir, device=device,
+                                                     progress=progress)
+            store.write_defense(prepared[defense.name].key, defense.name, defense.kind, describe_defense(defense),
+                                prepared[defense.name].training)
+    runner = CellRunner(spec, data, prepared, device)
+    versions, commit = library_versions(), code_commit()
+    executor = executor or SequentialExecutor()
+    bar = tqdm(total=len(todo), desc=f"{spec.name} cells", unit="cell", disable=not progress)
+    for cell, result in executor.map(runner, todo):
+        bar.set_postfix_str(cell.describe(), refresh=False)
+        bar.update()
+        if isinstance(result, BaseException):
+            summary.failed.append((cell.describe(), f"{type(result).__name__}: {result}"))
+            print(f"\nharness: cell {cell.describe()} FAILED: {type(result).__name__}: {result}", file=sys.stderr)
+            continue
+        attack = cell.attack
+        store.write_cell(CellRecord(
+            key=cell.key, benchmark=spec.name, defense=cell.defense, defense_key=cell.defense_key, attack=cell.label,
+            attack_id=CLEAN if attack is None else attack.attack_id, options={} if attack is None else dict(attack.options),
+            norm=cell.norm, eps=cell.eps, clean_correct=result.clean_correct, adv_correct=result.adv_correct,
+            seconds=result.seconds, forward_evals=result.forward_evals, gradient_evals=result.gradient_evals,
+            seed=cell.seed, versions=versions, git_commit=commit, device=str(device),
+            finished_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        ))
+        summary.computed += 1
+    bar.close()
+    return summary

@@ -1,0 +1,141 @@
+"""Model zoo. Every model takes inputs in [0, 1]; any normalization lives inside `forward`.
+
+Each factory takes `num_classes`, `in_channels` and a `width` multiplier (the seeds sweep model capacity).
+"""
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from harness.registry import MODELS
+
+
+def _scaled(channels: int, width: float) -> int:
+    if not width > 0:
+        raise ValueError(f"width multiplier must be > 0, got {width}")
+    return max(1, int(round(channels * width)))
+
+
+class Normalize(nn.Module):
+    """Per-channel (x - mean) / std inside the model, so attacks always work in [0, 1] input units."""
+
+    def __init__(self, mean: tuple[float, ...], std: tuple[float, ...]):
+        super().__init__()
+        self.register_buffer("mean", torch.tensor(mean).view(1, -1, 1, 1))
+        self.register_buffer("std", torch.tensor(std).view(1, -1, 1, 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return (x - self.mean) / self.std
+
+
+class MnistCNN(nn.Module):
+    """Two 5x5 conv + max-pool stages and two fully connected layers, for 28 x 28 inputs."""
+
+    def __init__(self, conv1: int, conv2: int, hidden: int, *, num_classes: int, in_channels: int):
+        super().__init__()
+        self.features = nn.Sequential(
+            nn.Conv2d(in_channels, conv1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(conv1, conv2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+        )
+        self.classifier = nn.Sequential(
+            nn.Flatten(), nn.Linear(conv2 * 7 * 7, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.classifier(self.features(x))
+
+
+@MODELS.register("madry-cnn")
+def madry_cnn(*, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> nn.Module:
+    """Madry et al. MNIST CNN: conv 32 5x5, pool, conv 64 5x5, pool, fc 1024, fc 10 (times `width`)."""
+    return MnistCNN(_scaled(32, width), _scaled(64, width), _scaled(1024, width), num_classes=num_classes, in_channels=in_channels)
+
+
+@MODELS.register("small-cnn")
+def small_cnn(*, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> nn.Module:
+    """A quarter-size Madry CNN (conv 16, conv 32, fc 128) for fast CPU runs and tests."""
+    return MnistCNN(_scaled(16, width), _scaled(32, width), _scaled(128, width), num_classes=num_classes, in_channels=in_channels)
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, in_planes: int, planes: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
+        self.bn1 = nn.BatchNorm2d(planes)
+        self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(planes)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or in_planes != planes:
+            self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class CifarResNet(nn.Module):
+    """ResNet for 32 x 32 inputs (He et al. CIFAR layout: 3 stages of `blocks` basic blocks)."""
+
+    def __init__(self, blocks: int, base: int, *, num_classes: int, in_channels: int, mean, std):
+        super().__init__()
+        self.normalize = Normalize(mean, std)
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, base, 3, padding=1, bias=False), nn.BatchNorm2d(base), nn.ReLU())
+        layers, planes = [], base
+        for stage, stage_planes in enumerate((base, 2 * base, 4 * base)):
+            for i in range(blocks):
+                stride = 2 if stage > 0 and i == 0 else 1
+                layers.append(BasicBlock(planes, stage_planes, stride))
+                planes = stage_planes
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(planes, num_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.layers(self.stem(self.normalize(x))))
+
+
+CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR10_STD = (0.2470, 0.2435, 0.2616)
+
+
+@MODELS.register("cifar-resnet20")
+def cifar_resnet20(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+    """ResNet-20 for CIFAR-10 (16/32/64 channels times `width`), normalizing with CIFAR-10 statistics."""
+    mean, std = (CIFAR10_MEAN, CIFAR10_STD) if in_channels == 3 else ((0.5,) * in_channels, (0.25,) * in_channels)
+    return CifarResNet(3, _scaled(16, width), num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+
+
+def build_model(name: str, *, num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
+    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, width=width)
+
+
+def load_external(factory: str, weights, options: dict | None = None) -> nn.Module:
+    """A user's model: `package.module:function` called with `options`, loaded strictly from safetensors."""
+    import importlib
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    module_name, _, function_name = factory.partition(":")
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as error:
+        raise ValueError(f"external model factory {factory!r}: cannot import {module_name!r} ({error})") from None
+    build = getattr(module, function_name, None)
+    if not callable(build):
+        raise ValueError(f"external model factory {factory!r}: {module_name} has no callable {function_name!r}")
+    model = build(**(options or {}))
+    if not isinstance(model, nn.Module):
+        raise TypeError(f"external model factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+    path = Path(weights)
+    if not path.is_file():
+        raise FileNotFoundError(f"external model weights {str(path)!r} not found")
+    try:
+        state = load_file(str(path))
+    except (SafetensorError, OSError, ValueError) as error:
+        raise ValueError(f"external model weights {str(path)!r} are not a readable safetensors file ({error})") from None
+    try:
+        model.load_state_dict(state, strict=True)
+    except RuntimeError as error:
+        raise ValueError(f"external model weights {str(path)!r} do not fit {factory!r}: {error}") from None
+    return model.eval()

@@ -1,0 +1,249 @@
+"""Leaderboards from the store: pandas frames rendered to markdown with tabulate, figures with matplotlib.
+
+Every number is computed here from the stored per-example vectors. `compare` parses two rendered
+leaderboards and lists the numbers that drifted, which is how CI proves the committed file matches
+the code.
+"""
+from __future__ import annotations
+
+import datetime
+import math
+import re
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from harness.data import Dataset
+from harness.matrix import CLEAN, Cell, code_commit, library_versions, plan
+from harness.spec import BenchmarkSpec
+from harness.store import CellRecord, ResultStore
+from harness.threat import Norm
+
+MISSING = "—"
+
+
+def _column(norm: Norm, eps: float, label: str | None = None) -> str:
+    head = f"{norm.symbol} {eps:g}"
+    return head if label is None else f"{label} @ {head}"
+
+
+@dataclass
+class Leaderboard:
+    """The aggregated results of one benchmark, ready to render."""
+
+    spec: BenchmarkSpec
+    summary: pd.DataFrame  # one row per defense: source, clean, worst case per (norm, eps)
+    details: dict[Norm, pd.DataFrame]  # per norm: one row per defense, clean + attack @ eps
+    curves: dict[str, dict[Norm, list[tuple[float, float]]]]  # defense -> norm -> (eps, worst-case accuracy)
+    costs: pd.DataFrame  # one row per defense: training and evaluation cost
+    missing: list[str]
+    commits: list[str]
+    versions: dict
+
+
+def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard:
+    cells = plan(spec, data)
+    records = store.cells([cell.key for cell in cells])
+    by_defense: dict[str, list[tuple[Cell, CellRecord | None]]] = {}
+    for cell in cells:
+        by_defense.setdefault(cell.defense, []).append((cell, records.get(cell.key)))
+    missing = [cell.describe() for cell in cells if cell.key not in records]
+
+    summary_rows, detail_rows, costs_rows, curves = [], {norm: [] for norm, _ in spec.eps}, [], {}
+    for defense in spec.defenses:
+        pairs = by_defense[defense.name]
+        clean_record = pairs[0][1]
+        clean = clean_record.clean_correct if clean_record is not None else None
+        summary = {"Defense": defense.name, "Source": defense.kind,
+                   "Clean": None if clean is None else 100 * clean.mean()}
+        details = {norm: {"Defense": defense.name, "Clean": summary["Clean"]} for norm in detail_rows}
+        curves[defense.name] = {}
+        for norm, grid in spec.eps:
+            curve = [] if clean is None else [(0.0, 100 * clean.mean())]
+            for eps in grid:
+                at_eps = [(c, r) for c, r in pairs if c.attack is not None and c.attack.norm is norm and c.eps == eps]
+                complete = at_eps and all(r is not None for _, r in at_eps)
+                worst = np.logical_and.reduce([r.robust_correct for _, r in at_eps]) if complete else None
+                summary[f"Worst {_column(norm, eps)}"] = None if worst is None else 100 * worst.mean()
+                if worst is not None:
+                    curve.append((eps, 100 * worst.mean()))
+                for c, r in at_eps:
+                    details[norm][_column(norm, eps, c.attack.label)] = None if r is None else 100 * r.robust_correct.mean()
+            curves[defense.name][norm] = curve
+        summary_rows.append(summary)
+        for norm in detail_rows:
+            detail_rows[norm].append(details[norm])
+        present = [r for _, r in pairs if r is not None]
+        training = (store.defense(pairs[0][0].defense_key) or {}).get("training", {})
+        costs_rows.append({
+            "Defense": defense.name,
+            "Training s": training.get("seconds"),
+            "Training fwd": training.get("forward_passes"),
+            "Training bwd": training.get("backward_passes"),
+            "Eval s": sum(r.seconds for r in present),
+            "Eval fwd": sum(r.forward_evals for r in present),
+            "Eval grad": sum(r.gradient_evals for r in present),
+        })
+
+    summary = pd.DataFrame(summary_rows)
+    rank_column = f"Worst {_column(*spec.rank_by)}"
+    order = summary.sort_values([rank_column, "Clean"], ascending=False, na_position="last", kind="stable").index
+    summary = summary.loc[order].reset_index(drop=True)
+    details = {norm: pd.DataFrame(rows).loc[order].reset_index(drop=True) for norm, rows in detail_rows.items()}
+    costs = pd.DataFrame(costs_rows).loc[order].reset_index(drop=True)
+    all_records = list(records.values())
+    commits = sorted({r.git_commit for r in all_records})
+    versions = all_records[0].versions if all_records else library_versions()
+    return Leaderboard(spec, summary, details, curves, costs, missing, commits, versions)
+
+
+def _markdown(frame: pd.DataFrame, digits: int = 1) -> str:
+    def cell(value):
+        if value is None or (isinstance(value, float) and math.isnan(value)):
+            return MISSING
+        if isinstance(value, (float, np.floating)):
+            return f"{value:.{digits}f}"
+        return str(value)
+
+    shown = frame.apply(lambda column: column.map(cell)) if len(frame) else frame
+    return shown.to_markdown(index=False, disable_numparse=True, stralign="left")
+
+
+def figure_name(spec: BenchmarkSpec) -> str:
+    return f"{spec.name}-accuracy-vs-eps.png"
+
+
+def render_figure(board: Leaderboard, path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    norms = [norm for norm, _ in board.spec.eps]
+    fig, axes = plt.subplots(1, len(norms), figsize=(5 * len(norms), 3.8), squeeze=False)
+    for axis, norm in zip(axes[0], norms):
+        for defense, curves in board.curves.items():
+            points = curves.get(norm, [])
+            if points:
+                eps, accuracy = zip(*points)
+                axis.plot(eps, accuracy, marker="o", label=defense)
+        axis.set_xlabel(f"eps ({norm.symbol}, [0, 1] input units)")
+        axis.set_ylabel("worst-case robust accuracy (%)")
+        axis.set_ylim(-2, 102)
+        axis.grid(alpha=0.3)
+        axis.set_title(f"{board.spec.name}: {norm.symbol} threat model")
+    axes[0][0].legend(fontsize=8)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=110, metadata={"Software": None})
+    plt.close(fig)
+
+
+def render_markdown(board: Leaderboard, *, command: str, figure: str) -> str:
+    spec = board.spec
+    today = datetime.date.today().isoformat()
+    commit = ", ".join(board.commits) or code_commit()
+    versions = ", ".join(f"{k} {v}" for k, v in sorted(board.versions.items()))
+    lines = [
+        f"# Leaderboard: {spec.name}",
+        "",
+        f"Generated by `{command}` from the results store; code commit `{commit}`; {today}. "
+        "Never edit by hand: regenerate it. CI regenerates it from scratch and fails when a number drifts.",
+        "",
+        f"Data set `{spec.dataset}`, first {spec.eval_examples} test examples, seed {spec.seed}, batch {spec.batch_size}. "
+        "Accuracies in %. Robust accuracy counts an example when it is classified correctly both clean and under "
+        "the attack. **Worst** is the per-example worst case over every attack run at that norm and eps "
+        "(an example counts only if it survives all of them). Rows are sorted by the worst case at "
+        f"{_column(*spec.rank_by)}, then by clean accuracy.",
+        "",
+    ]
+    if board.missing:
+        lines += [f"**Incomplete:** {len(board.missing)} cells are not in the store ({MISSING} below); "
+                  f"run `python -m harness run {spec.path}`.", ""]
+    lines += ["## Ranking", "", _markdown(board.summary), ""]
+    for norm, frame in board.details.items():
+        lines += [f"## {norm.symbol} attacks", "", _markdown(frame), ""]
+    lines += [f"![worst-case accuracy vs eps]({figure})", ""]
+    lines += ["## Attacks", ""]
+    attacks = pd.DataFrame([
+        {"Column": a.label, "Attack": a.attack_id, "Options": ", ".join(f"{k}={v}" for k, v in a.options) or "defaults",
+         "Norm": a.norm.symbol, "eps": ", ".join(f"{e:g}" for e in a.eps)} for a in spec.attacks
+    ])
+    lines += [_markdown(attacks), ""]
+    lines += ["## Defenses", ""]
+    defenses = pd.DataFrame([
+        {"Defense": d.name, "Source": d.kind,
+         "Recipe / model": (f"{d.recipe.model} x{d.recipe.width:g}, {d.recipe.epochs} epochs, "
+                            + (f"adversary {d.recipe.adversary} eps {d.recipe.eps:g}" if d.recipe.adversary else "clean inputs"))
+         if d.recipe else f"{d.external.factory} + {d.external.weights.name}"}
+        for d in spec.defenses
+    ])
+    lines += [_markdown(defenses), ""]
+    costs = board.costs.copy()
+    total_fwd, total_grad = int(costs["Eval fwd"].sum()), int(costs["Eval grad"].sum())
+    lines += ["## Measured cost", "",
+              "Seconds are wall time on the machine that produced this file; model evaluations (examples sent "
+              "forward, examples whose input gradient was taken) are exact and portable.", "",
+              _markdown(costs, digits=1), "",
+              f"Whole evaluation: {total_fwd:,} forward and {total_grad:,} gradient evaluations.", "",
+              f"Libraries: {versions}.", ""]
+    return "\n".join(lines)
+
+
+def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path, *, command: str) -> Path:
+    """Render `<out_dir>/<name>.md` and its figure; returns the markdown path."""
+    board = build(spec, store, data)
+    figure = Path("figures") / figure_name(spec)
+    render_figure(board, out_dir / figure)
+    path = out_dir / f"{spec.name}.md"
+    path.write_text(render_markdown(board, command=command, figure=figure.as_posix()))
+    return path
+
+
+# --- drift check ------------------------------------------------------------------------------------
+
+NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+
+
+def parse_tables(markdown: str) -> dict[tuple[str, str, str], str]:
+    """{(section heading, row's first cell, column header): cell text} for every pipe table."""
+    cells, heading, header = {}, "", None
+    for line in markdown.splitlines():
+        if line.startswith("#"):
+            heading, header = line.lstrip("#").strip(), None
+            continue
+        if not line.startswith("|"):
+            header = None
+            continue
+        parts = [part.strip() for part in line.strip().strip("|").split("|")]
+        if header is None:
+            header = parts
+        elif not all(set(part) <= set(":-") for part in parts):
+            for column, value in zip(header[1:], parts[1:]):
+                cells[(heading, parts[0], column)] = value
+    return cells
+
+
+def compare(committed: str, regenerated: str, *, tolerance: float = 1.0) -> list[str]:
+    """Differences beyond `tolerance` (percentage points) between two leaderboards, ignoring cost sections."""
+    old, new = parse_tables(committed), parse_tables(regenerated)
+    problems = []
+    for key, value in old.items():
+        heading, row, column = key
+        if "cost" in heading.lower():
+            continue
+        if key not in new:
+            problems.append(f"[{heading}] row {row!r} column {column!r} is missing from the regenerated leaderboard")
+            continue
+        fresh = new[key]
+        if NUMBER.match(value) and NUMBER.match(fresh):
+            if abs(float(value) - float(fresh)) > tolerance:
+                problems.append(f"[{heading}] {row} / {column}: committed {value}, regenerated {fresh}")
+        elif value != fresh:
+            problems.append(f"[{heading}] {row} / {column}: committed {value!r}, regenerated {fresh!r}")
+    for key in new.keys() - old.keys():
+        if "cost" not in key[0].lower():
+            problems.append(f"[{key[0]}] row {key[1]!r} column {key[2]!r} is new: the committed leaderboard lacks it")
+    return problems

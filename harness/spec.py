@@ -1,0 +1,239 @@
+"""Benchmark specs: a TOML matrix loaded into frozen, validated objects.
+
+Every error names the file and the TOML key that is wrong, and what is allowed there.
+
+    [benchmark]   name, dataset, dataset_options, seed, eval_examples, batch_size, rank_by
+    [eps]         linf = [...], l2 = [...]            the eps grid per norm, in [0, 1] input units
+    [defenses.ID] recipe = "<DEFENSES id>" + recipe options        (trained in-house)
+                  or factory = "pkg.module:function", weights = "file.safetensors", options = {...}
+    [attacks.ID]  attack = "<ATTACKS id>" + the attack's options, optional eps = [...] (a subset of the grid)
+"""
+from __future__ import annotations
+
+import inspect
+import tomllib
+from dataclasses import dataclass
+from pathlib import Path
+
+import harness.plugins  # noqa: F401  (every registry entry must exist before a spec is checked)
+from attacks_ext.base import Attack, check_eps
+from defenses.recipes import Recipe, build_recipe
+from harness.registry import ATTACKS, DATASETS
+from harness.threat import Norm
+
+
+class SpecError(ValueError):
+    """A benchmark file that cannot be run as written; the message names the key."""
+
+
+def _fail(path: Path | str, key: str, message: str):
+    raise SpecError(f"{path}: [{key}] {message}")
+
+
+@dataclass(frozen=True)
+class ExternalModel:
+    """A user's model: an importable factory plus safetensors weights; never trained here."""
+
+    factory: str
+    weights: Path
+    options: tuple[tuple[str, object], ...] = ()
+
+
+@dataclass(frozen=True)
+class DefenseSpec:
+    """One leaderboard row: a recipe we train, or an external model a user brings."""
+
+    name: str
+    recipe: Recipe | None = None
+    external: ExternalModel | None = None
+
+    @property
+    def kind(self) -> str:
+        return "external" if self.external is not None else "trained"
+
+
+@dataclass(frozen=True)
+class AttackSpec:
+    """One leaderboard column group: an attack with fixed options, run at each eps of its grid."""
+
+    label: str
+    attack_id: str
+    options: tuple[tuple[str, object], ...]
+    norm: Norm
+    eps: tuple[float, ...]
+
+    def build(self) -> Attack:
+        return ATTACKS.get(self.attack_id)(**dict(self.options))
+
+
+@dataclass(frozen=True)
+class BenchmarkSpec:
+    name: str
+    path: Path
+    dataset: str
+    dataset_options: tuple[tuple[str, object], ...]
+    seed: int
+    eval_examples: int
+    batch_size: int
+    eps: tuple[tuple[Norm, tuple[float, ...]], ...]
+    defenses: tuple[DefenseSpec, ...]
+    attacks: tuple[AttackSpec, ...]
+    rank_by: tuple[Norm, float]
+
+    def eps_grid(self, norm: Norm) -> tuple[float, ...]:
+        return dict(self.eps).get(norm, ())
+
+
+BENCHMARK_KEYS = {"name", "dataset", "dataset_options", "seed", "eval_examples", "batch_size", "rank_by"}
+EXTERNAL_KEYS = {"factory", "weights", "options"}
+
+
+def _check_keys(path, key: str, table: dict, allowed: set[str], required: set[str] = frozenset()):
+    if not isinstance(table, dict):
+        _fail(path, key, f"must be a table, got {type(table).__name__}")
+    unknown = sorted(set(table) - allowed)
+    if unknown:
+        _fail(path, key, f"unknown key {', '.join(map(repr, unknown))}; allowed: {', '.join(sorted(allowed))}")
+    missing = sorted(required - set(table))
+    if missing:
+        _fail(path, key, f"missing required key {', '.join(map(repr, missing))}")
+
+
+def _positive_int(path, key: str, value) -> int:
+    if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+        _fail(path, key, f"must be a positive integer, got {value!r}")
+    return value
+
+
+def _eps_list(path, key: str, values, norm: Norm) -> tuple[float, ...]:
+    if not isinstance(values, list) or not values:
+        _fail(path, key, f"must be a non-empty list of numbers, got {values!r}")
+    out = []
+    for value in values:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            _fail(path, key, f"eps must be numbers, got {value!r}")
+        try:
+            out.append(check_eps(value, norm))
+        except (TypeError, ValueError) as error:
+            _fail(path, key, str(error))
+    if len(set(out)) != len(out):
+        _fail(path, key, f"repeats an eps: {values!r}")
+    return tuple(sorted(out))
+
+
+def _load_defense(path, name: str, table: dict) -> DefenseSpec:
+    key = f"defenses.{name}"
+    if not isinstance(table, dict):
+        _fail(path, key, "must be a table")
+    if "recipe" in table and "factory" in table:
+        _fail(path, key, "give either recipe (trained here) or factory + weights (external model), not both")
+    if "factory" in table or "weights" in table:
+        _check_keys(path, key, table, EXTERNAL_KEYS, required={"factory", "weights"})
+        factory = table["factory"]
+        if not isinstance(factory, str) or factory.count(":") != 1 or not all(factory.split(":")):
+            _fail(path, f"{key}.factory", f"must look like 'package.module:function', got {factory!r}")
+        weights = Path(table["weights"]).expanduser()
+        if not weights.is_absolute():
+            weights = (Path(path).parent / weights).resolve()
+        if weights.suffix != ".safetensors":
+            _fail(path, f"{key}.weights", f"must be a .safetensors file (the harness never unpickles), got {weights.name!r}")
+        options = table.get("options", {})
+        if not isinstance(options, dict):
+            _fail(path, f"{key}.options", "must be a table of keyword arguments for the factory")
+        return DefenseSpec(name, external=ExternalModel(factory, weights, tuple(sorted(options.items()))))
+    if "recipe" not in table:
+        _fail(path, key, "needs recipe = '<recipe id>' or factory + weights for an external model")
+    overrides = {k: v for k, v in table.items() if k != "recipe"}
+    try:
+        recipe = build_recipe(table["recipe"], **overrides)
+    except (KeyError, ValueError, TypeError) as error:
+        _fail(path, key, str(error))
+    return DefenseSpec(name, recipe=recipe)
+
+
+def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ...]]) -> AttackSpec:
+    key = f"attacks.{label}"
+    if not isinstance(table, dict) or "attack" not in table:
+        _fail(path, key, "needs attack = '<attack id>' (see `python -m harness list attacks`)")
+    attack_id = table["attack"]
+    try:
+        factory = ATTACKS.get(attack_id)
+    except KeyError as error:
+        _fail(path, f"{key}.attack", str(error))
+    options = {k: v for k, v in table.items() if k not in ("attack", "eps")}
+    allowed = [p for p in inspect.signature(factory).parameters if p != "self"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        _fail(path, key, f"unknown option {', '.join(map(repr, unknown))} for {attack_id}; allowed: {', '.join(allowed) or '(none)'}")
+    try:
+        attack = factory(**options)
+    except (TypeError, ValueError) as error:
+        _fail(path, key, str(error))
+    norm = attack.norm
+    if norm not in grid:
+        _fail(path, key, f"{attack_id} is a {norm.value} attack but [eps] has no {norm.value} grid")
+    eps = _eps_list(path, f"{key}.eps", table["eps"], norm) if "eps" in table else grid[norm]
+    return AttackSpec(label, attack_id, tuple(sorted(options.items())), norm, eps)
+
+
+def load(path: str | Path) -> BenchmarkSpec:
+    """Parse and validate a benchmark TOML file."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise SpecError(f"{path}: no such benchmark file") from None
+    except tomllib.TOMLDecodeError as error:
+        raise SpecError(f"{path}: not valid TOML: {error}") from None
+    _check_keys(path, "top level", raw, {"benchmark", "eps", "defenses", "attacks"}, required={"benchmark", "eps", "defenses", "attacks"})
+    bench = raw["benchmark"]
+    _check_keys(path, "benchmark", bench, BENCHMARK_KEYS, required={"dataset"})
+    dataset = bench["dataset"]
+    if dataset not in DATASETS:
+        _fail(path, "benchmark.dataset", f"unknown data set {dataset!r}; known: {', '.join(DATASETS)}")
+    dataset_options = bench.get("dataset_options", {})
+    if not isinstance(dataset_options, dict):
+        _fail(path, "benchmark.dataset_options", "must be a table")
+    allowed_options = set(inspect.signature(DATASETS.get(dataset)).parameters)
+    unknown = sorted(set(dataset_options) - allowed_options)
+    if unknown:
+        _fail(path, "benchmark.dataset_options", f"unknown option {', '.join(map(repr, unknown))} for {dataset}; allowed: {', '.join(sorted(allowed_options)) or '(none)'}")
+    seed = bench.get("seed", 0)
+    if not isinstance(seed, int) or isinstance(seed, bool) or seed < 0:
+        _fail(path, "benchmark.seed", f"must be an integer >= 0, got {seed!r}")
+
+    eps_table = raw["eps"]
+    _check_keys(path, "eps", eps_table, {n.value for n in Norm})
+    grid = {Norm(name): _eps_list(path, f"eps.{name}", values, Norm(name)) for name, values in eps_table.items()}
+    if not grid:
+        _fail(path, "eps", "needs at least one grid, e.g. linf = [0.1, 0.3]")
+
+    if not isinstance(raw["defenses"], dict) or not raw["defenses"]:
+        _fail(path, "defenses", "needs at least one [defenses.NAME] table")
+    defenses = tuple(_load_defense(path, name, table) for name, table in raw["defenses"].items())
+    if not isinstance(raw["attacks"], dict) or not raw["attacks"]:
+        _fail(path, "attacks", "needs at least one [attacks.NAME] table")
+    attacks = tuple(_load_attack(path, label, table, grid) for label, table in raw["attacks"].items())
+
+    rank_norm, rank_eps = next(iter(grid.items()))[0], None
+    if "rank_by" in bench:
+        rank = bench["rank_by"]
+        if not (isinstance(rank, list) and len(rank) == 2):
+            _fail(path, "benchmark.rank_by", f"must be [norm, eps], e.g. ['linf', 0.3]; got {rank!r}")
+        try:
+            rank_norm = Norm.parse(rank[0])
+        except ValueError as error:
+            _fail(path, "benchmark.rank_by", str(error))
+        rank_eps = rank[1]
+        if rank_norm not in grid or rank_eps not in grid[rank_norm]:
+            _fail(path, "benchmark.rank_by", f"{rank!r} is not a point of the [eps] grid")
+    if rank_eps is None:
+        rank_eps = max(grid[rank_norm])
+
+    return BenchmarkSpec(
+        name=bench.get("name", path.stem), path=path, dataset=dataset,
+        dataset_options=tuple(sorted(dataset_options.items())), seed=seed,
+        eval_examples=_positive_int(path, "benchmark.eval_examples", bench.get("eval_examples", 1000)),
+        batch_size=_positive_int(path, "benchmark.batch_size", bench.get("batch_size", 250)),
+        eps=tuple(grid.items()), defenses=defenses, attacks=attacks, rank_by=(rank_norm, float(rank_eps)),
+    )

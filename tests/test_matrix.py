@@ -1,0 +1,201 @@
+"""The matrix end to end on a small spec: store, resume, threat enforcement, external models, report."""
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from harness import report, spec as spec_module
+from harness.matrix import SequentialExecutor, plan, run
+from harness.spec import AttackSpec
+from harness.store import ResultStore
+
+REPO = Path(__file__).resolve().parent.parent
+
+SPEC = """
+[benchmark]
+name = "tiny"
+dataset = "mnist5k"
+seed = 0
+eval_examples = 60
+batch_size = 25
+
+[eps]
+linf = [0.1, 0.3]
+l2 = [1.5]
+
+[defenses.natural]
+recipe = "natural"
+epochs = 1
+
+[attacks.fgsm]
+attack = "ta-fgsm"
+
+[attacks.pgd]
+attack = "pgd-linf"
+steps = 5
+
+[attacks.pgd-l2]
+attack = "pgd-l2"
+steps = 5
+"""
+
+
+@pytest.fixture()
+def tiny_spec(tmp_path):
+    path = tmp_path / "tiny.toml"
+    path.write_text(SPEC)
+    return spec_module.load(path)
+
+
+class InterruptAfter(SequentialExecutor):
+    """Simulates a run killed after `limit` cells (Ctrl-C between two cells)."""
+
+    def __init__(self, limit):
+        self.limit = limit
+
+    def map(self, function, cells):
+        for count, item in enumerate(super().map(function, cells)):
+            if count == self.limit:
+                raise KeyboardInterrupt
+            yield item
+
+
+def vectors(store):
+    return {key: (r.clean_correct.tolist(), r.adv_correct.tolist()) for key, r in store.cells().items()}
+
+
+@pytest.mark.slow
+def test_run_resume_and_determinism(tiny_spec, tmp_path, mnist):
+    planned = len(plan(tiny_spec, mnist))
+    assert planned == 1 + 2 + 2 + 1  # clean + fgsm x2 + pgd x2 + pgd-l2 x1
+
+    with ResultStore(tmp_path / "interrupted.sqlite") as store:
+        with pytest.raises(KeyboardInterrupt):
+            run(tiny_spec, store=store, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"),
+                executor=InterruptAfter(3), progress=False, data=mnist)
+        assert store.count() == 3
+        resumed = run(tiny_spec, store=store, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
+        assert (resumed.computed, resumed.skipped, resumed.failed) == (planned - 3, 3, [])
+        assert store.count() == planned
+        again = run(tiny_spec, store=store, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
+        assert (again.computed, again.skipped) == (0, planned)
+        interrupted = vectors(store)
+
+    with ResultStore(tmp_path / "straight.sqlite") as store:
+        run(tiny_spec, store=store, cache_dir=tmp_path / "ckpt2", device=torch.device("cpu"), progress=False, data=mnist)
+        assert vectors(store) == interrupted  # same seed, same numbers, whether interrupted or not
+        record = next(r for r in store.cells().values() if r.attack == "pgd" and r.eps == 0.3)
+        assert record.forward_evals == 5 * 60 and record.gradient_evals == 5 * 60
+        assert record.seed > 0 and record.versions["torch"] == torch.__version__ and record.git_commit
+        assert record.robust_correct.sum() <= record.clean_correct.sum()
+
+
+class OutOfBudget:
+    name, norm = "broken", None
+
+    def __call__(self, model, x, y, *, eps, generator):
+        return (x + 2 * eps).clamp(0, 1)
+
+
+@pytest.mark.slow
+def test_threat_model_violation_fails_the_cell_loudly(tiny_spec, tmp_path, mnist, monkeypatch, capsys):
+    monkeypatch.setattr(AttackSpec, "build", lambda self: OutOfBudget())
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        summary = run(tiny_spec, store=store, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
+        assert summary.computed == 1 and len(summary.failed) == 5  # only the clean cell survives
+        assert all("ThreatModelViolation" in reason for _, reason in summary.failed)
+        assert store.count() == 1
+    assert "FAILED" in capsys.readouterr().err
+
+
+def test_worst_case_is_the_per_example_and(tiny_spec, tmp_path, mnist):
+    """Report aggregates come from stored vectors: fill the store by hand and check every number."""
+    rng = np.random.default_rng(0)
+    cells = plan(tiny_spec, mnist)
+    from harness.store import CellRecord
+
+    outcomes = {}
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        clean = rng.random(60) < 0.9
+        for cell in cells:
+            adv = clean.copy() if cell.attack is None else rng.random(60) < 0.6
+            outcomes[(cell.label, cell.eps)] = adv
+            store.write_cell(CellRecord(cell.key, "tiny", cell.defense, cell.defense_key, cell.label, "x", {}, cell.norm,
+                                        cell.eps, clean, adv, 1.0, 10, 10, cell.seed, {}, "abc", "cpu", "now"))
+        board = report.build(tiny_spec, store, mnist)
+    row = board.summary.iloc[0]
+    assert row["Clean"] == pytest.approx(100 * clean.mean())
+    worst = clean & outcomes[("fgsm", 0.3)] & outcomes[("pgd", 0.3)]
+    assert row["Worst L∞ 0.3"] == pytest.approx(100 * worst.mean())
+    assert row["Worst L2 1.5"] == pytest.approx(100 * (clean & outcomes[("pgd-l2", 1.5)]).mean())
+    detail = board.details[next(iter(board.details))].iloc[0]
+    assert detail["pgd @ L∞ 0.1"] == pytest.approx(100 * (clean & outcomes[("pgd", 0.1)]).mean())
+    assert board.missing == []
+
+
+def test_store_refuses_a_duplicate_cell(tmp_path):
+    from harness.store import CellRecord
+
+    record = CellRecord("k", "b", "d", "dk", "a", "a", {}, "linf", 0.1, np.ones(3, bool), np.zeros(3, bool),
+                        1.0, 1, 1, 1, {}, "c", "cpu", "t")
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        store.write_cell(record)
+        with pytest.raises(Exception):
+            store.write_cell(record)
+        assert store.count() == 1
+        stored = store.cells()["k"]
+        assert stored.clean_correct.tolist() == [True] * 3 and stored.adv_correct.tolist() == [False] * 3
+
+
+@pytest.mark.slow
+def test_external_model_goes_through_the_same_matrix(tmp_path, mnist, monkeypatch, natural_model):
+    package = tmp_path / "user_models"
+    package.mkdir()
+    (package / "__init__.py").write_text(
+        "from harness.models import small_cnn\n\ndef build(width=1.0):\n    return small_cnn(width=width)\n")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    save_file({k: v.contiguous() for k, v in natural_model.state_dict().items()}, str(tmp_path / "mine.safetensors"))
+    path = tmp_path / "ext.toml"
+    path.write_text(SPEC.replace('[defenses.natural]\nrecipe = "natural"\nepochs = 1',
+                                 '[defenses.mine]\nfactory = "user_models:build"\nweights = "mine.safetensors"\noptions = { width = 1.0 }'))
+    spec = spec_module.load(path)
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        summary = run(spec, store=store, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
+        assert summary.failed == [] and summary.computed == 6
+        board = report.build(spec, store, mnist)
+        markdown = report.render_markdown(board, command="test", figure="f.png")
+    row = board.summary.iloc[0]
+    assert row["Defense"] == "mine" and row["Source"] == "external"
+    assert row["Clean"] > 90
+    assert "| mine " in markdown and "user_models:build + mine.safetensors" in markdown
+
+
+def test_compare_flags_drift_and_missing_rows():
+    committed = "## Ranking\n\n| Defense | Clean | Worst L∞ 0.3 |\n|:--|:--|:--|\n| a | 97.0 | 70.0 |\n| b | 95.0 | 0.0 |\n" \
+                "\n## Measured cost\n\n| Defense | Eval s |\n|:--|:--|\n| a | 10.0 |\n"
+    assert report.compare(committed, committed) == []
+    assert report.compare(committed, committed.replace("70.0", "70.9").replace("10.0", "99.0")) == []
+    drifted = report.compare(committed, committed.replace("70.0", "68.5"))
+    assert drifted == ["[Ranking] a / Worst L∞ 0.3: committed 70.0, regenerated 68.5"]
+    assert any("missing" in p for p in report.compare(committed, committed.replace("| b | 95.0 | 0.0 |\n", "")))
+
+
+def run_cli(*args, cwd=REPO):
+    return subprocess.run([sys.executable, "-m", "harness", *args], cwd=cwd, capture_output=True, text=True)
+
+
+def test_cli_lists_registries():
+    result = run_cli("list", "attacks")
+    assert result.returncode == 0 and "pgd-linf" in result.stdout and "art-pgd-linf" in result.stdout
+    assert "small-cnn" in run_cli("list", "models").stdout
+
+
+def test_cli_reports_spec_errors_with_the_key(tmp_path):
+    (tmp_path / "bad.toml").write_text(SPEC.replace('attack = "pgd-linf"', 'attack = "pgd-inf"'))
+    result = run_cli("report", str(tmp_path / "bad.toml"), "--home", str(tmp_path))
+    assert result.returncode == 2
+    assert "[attacks.pgd.attack] unknown attack 'pgd-inf'" in result.stderr

@@ -1,0 +1,78 @@
+from pathlib import Path
+
+import pytest
+
+from harness import spec
+from harness.threat import Norm
+
+QUICK = Path(__file__).resolve().parent.parent / "benchmarks" / "mnist-quick.toml"
+
+BASE = """
+[benchmark]
+name = "t"
+dataset = "mnist5k"
+{benchmark}
+[eps]
+linf = {linf}
+l2 = [1.0]
+[defenses.natural]
+recipe = "natural"
+{defense}
+[attacks.pgd]
+attack = "{attack}"
+{attack_options}
+"""
+
+
+def write(tmp_path, benchmark="", linf="[0.1, 0.3]", defense="", attack="pgd-linf", attack_options="steps = 5"):
+    path = tmp_path / "bench.toml"
+    path.write_text(BASE.format(benchmark=benchmark, linf=linf, defense=defense, attack=attack, attack_options=attack_options))
+    return path
+
+
+def test_quick_benchmark_loads():
+    loaded = spec.load(QUICK)
+    assert loaded.name == "mnist-quick" and loaded.dataset == "mnist5k"
+    assert {d.name for d in loaded.defenses} >= {"natural", "pgd-at"}
+    assert loaded.rank_by == (Norm.LINF, 0.3)
+    pgd = next(a for a in loaded.attacks if a.label == "pgd-40")
+    assert pgd.attack_id == "pgd-linf" and dict(pgd.options) == {"steps": 40} and 0.3 in pgd.eps
+
+
+@pytest.mark.parametrize("kwargs, key, message", [
+    (dict(benchmark="seeed = 1"), "benchmark", "unknown key 'seeed'"),
+    (dict(attack="pgd-linfinity"), "attacks.pgd.attack", "unknown attack 'pgd-linfinity'; known: "),
+    (dict(linf="[-0.1]"), "eps.linf", ">= 0"),
+    (dict(linf="[8]"), "eps.linf", "exceeds 1"),
+    (dict(attack_options="stepz = 5"), "attacks.pgd", "unknown option 'stepz' for pgd-linf; allowed: steps"),
+    (dict(attack_options="steps = 0"), "attacks.pgd", "positive integer"),
+    (dict(defense="epoch = 3"), "defenses.natural", "unknown option 'epoch'"),
+    (dict(defense="eps = -1.0"), "defenses.natural", "eps must be"),
+    (dict(benchmark="rank_by = ['linf', 0.2]"), "benchmark.rank_by", "not a point"),
+    (dict(benchmark="eval_examples = 0"), "benchmark.eval_examples", "positive integer"),
+])
+def test_errors_name_the_offending_key(tmp_path, kwargs, key, message):
+    with pytest.raises(spec.SpecError) as info:
+        spec.load(write(tmp_path, **kwargs))
+    text = str(info.value)
+    assert f"[{key}" in text and message in text, text
+
+
+def test_attack_eps_outside_its_grid_is_accepted_when_valid(tmp_path):
+    loaded = spec.load(write(tmp_path, attack_options="steps = 2\neps = [0.05]"))
+    assert loaded.attacks[0].eps == (0.05,)
+
+
+def test_external_defense_requires_safetensors(tmp_path):
+    path = write(tmp_path)
+    path.write_text(path.read_text() + '\n[defenses.mine]\nfactory = "m:f"\nweights = "w.pt"\n')
+    with pytest.raises(spec.SpecError, match=r"\[defenses.mine.weights\] must be a .safetensors file"):
+        spec.load(path)
+
+
+def test_invalid_toml_and_missing_file(tmp_path):
+    (tmp_path / "bad.toml").write_text("[benchmark\n")
+    with pytest.raises(spec.SpecError, match="not valid TOML"):
+        spec.load(tmp_path / "bad.toml")
+    with pytest.raises(spec.SpecError, match="no such benchmark file"):
+        spec.load(tmp_path / "absent.toml")

@@ -1,0 +1,86 @@
+"""The one training loop and the checkpoint cache."""
+import json
+
+import pytest
+import torch
+
+import defenses.train as training
+from defenses.recipes import build_recipe
+from defenses.train import checkpoint_key, obtain_checkpoint, train
+from tests.conftest import accuracy
+
+
+def test_natural_training_learns(tiny_mnist):
+    model, log = train(build_recipe("natural", epochs=2), tiny_mnist, seed=0, progress=False)
+    assert not model.training
+    assert accuracy(model, tiny_mnist.x_test, tiny_mnist.y_test) > 0.75
+    assert [e["epoch"] for e in log.epochs] == [1, 2]
+    assert log.forward_passes == 2 * 800 and log.backward_passes == 2 * 800  # one pass per example per epoch
+
+
+def test_same_seed_same_weights(tiny_mnist):
+    recipe = build_recipe("natural", epochs=1)
+    first, _ = train(recipe, tiny_mnist, seed=3, progress=False)
+    second, _ = train(recipe, tiny_mnist, seed=3, progress=False)
+    assert all(torch.equal(a, b) for a, b in zip(first.state_dict().values(), second.state_dict().values()))
+
+
+def test_pgd_at_trains_on_adversarial_examples_with_the_eps_ramp(tiny_mnist):
+    recipe = build_recipe("pgd-at", epochs=2, eps_ramp_epochs=2, adversary_options={"steps": 3})
+    assert recipe.adversary == "pgd-linf" and recipe.eps == 0.3
+    assert [recipe.eps_at(e) for e in range(3)] == [0.15, 0.3, 0.3]
+    _, log = train(recipe, tiny_mnist, seed=0, progress=False)
+    # per example and epoch: 3 adversary steps + the training pass + the clean-accuracy forward
+    assert log.forward_passes == 2 * 800 * (3 + 1 + 1)
+    assert log.backward_passes == 2 * 800 * (3 + 1)
+    assert all(e["adversary_accuracy"] is not None for e in log.epochs)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    ({"epoch": 3}, "unknown option 'epoch'"),
+    ({"eps": -0.1}, "eps must be"),
+    ({"lr": 0}, "lr must be > 0"),
+    ({"model": "vgg"}, "unknown model 'vgg'"),
+    ({"optimizer": "rmsprop"}, "allowed: adam, sgd"),
+    ({"adversary": "pgd-linfinity"}, "unknown attack"),
+])
+def test_bad_recipes_fail_before_training(overrides, message):
+    with pytest.raises((ValueError, KeyError), match=message):
+        build_recipe("natural", **overrides)
+
+
+def test_cache_trains_once_then_loads(tiny_mnist, tmp_path, monkeypatch):
+    recipe = build_recipe("natural", epochs=1)
+    first = obtain_checkpoint(recipe, tiny_mnist, seed=0, cache_dir=tmp_path, progress=False)
+    assert first.weights.suffix == ".safetensors" and first.weights.exists()
+    assert first.key == checkpoint_key(recipe, tiny_mnist, 0)
+    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("retrained although the cache was valid"))
+    second = obtain_checkpoint(recipe, tiny_mnist, seed=0, cache_dir=tmp_path, progress=False)
+    assert second.key == first.key and second.log["forward_passes"] == 800
+
+
+def test_cache_key_depends_on_recipe_data_seed_and_code(tiny_mnist, mnist, monkeypatch):
+    recipe = build_recipe("natural", epochs=1)
+    base = checkpoint_key(recipe, tiny_mnist, 0)
+    assert base != checkpoint_key(build_recipe("natural", epochs=2), tiny_mnist, 0)
+    assert base != checkpoint_key(recipe, mnist, 0)
+    assert base != checkpoint_key(recipe, tiny_mnist, 1)
+    monkeypatch.setattr(training, "training_code_version", lambda: "edited")
+    assert base != checkpoint_key(recipe, tiny_mnist, 0)
+
+
+@pytest.mark.parametrize("damage", ["flip-byte", "truncate", "sidecar"])
+def test_damaged_cache_is_reported_and_retrained(tiny_mnist, tmp_path, capsys, damage):
+    recipe = build_recipe("natural", epochs=1)
+    first = obtain_checkpoint(recipe, tiny_mnist, seed=0, cache_dir=tmp_path, progress=False)
+    raw = bytearray(first.weights.read_bytes())
+    if damage == "flip-byte":
+        raw[-10] ^= 0xFF
+        first.weights.write_bytes(bytes(raw))
+    elif damage == "truncate":
+        first.weights.write_bytes(bytes(raw[:100]))
+    else:
+        first.weights.with_suffix(".json").write_text("{not json")
+    again = obtain_checkpoint(recipe, tiny_mnist, seed=0, cache_dir=tmp_path, progress=False)
+    assert "failed verification" in capsys.readouterr().err
+    assert json.loads(again.weights.with_suffix(".json").read_text())["sha256"] == training.file_sha256(again.weights)
