@@ -19,8 +19,19 @@ from torch import nn
 from harness.threat import Norm
 
 
-def check_eps(eps: float, norm: Norm) -> float:
-    """eps in input units of [0, 1] data: finite, non-negative, and <= 1 for Linf."""
+def check_eps(eps, norm: Norm) -> float | torch.Tensor:
+    """eps in input units of [0, 1] data: finite, non-negative, and <= 1 for Linf.
+
+    A float, or (for our own attacks, as adversarial training needs) a 1-D tensor with one eps per example.
+    """
+    if isinstance(eps, torch.Tensor) and eps.ndim > 0:
+        if eps.ndim != 1:
+            raise ValueError(f"per-example eps must be a 1-D tensor, got shape {tuple(eps.shape)}")
+        if not torch.isfinite(eps).all() or bool((eps < 0).any()):
+            raise ValueError("eps must be finite numbers >= 0")
+        if norm is Norm.LINF and bool((eps > 1).any()):
+            raise ValueError(f"Linf eps={float(eps.max()):g} exceeds 1, the whole [0, 1] input range; eps is in input units")
+        return eps
     try:
         value = float(eps)
     except (TypeError, ValueError):
@@ -40,6 +51,8 @@ class Attack(abc.ABC):
 
     norm: Norm
     uses_true_label: bool = True
+    uses_gradients: bool = True  # False for noise baselines; gradient-free attacks set it too
+    per_example_eps: bool = False  # True where `run` accepts eps as an (N, 1, ..., 1) tensor
 
     def __init__(self, name: str, norm: Norm | str, *, uses_true_label: bool = True):
         self.name = name
@@ -52,6 +65,12 @@ class Attack(abc.ABC):
     def __call__(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
                  generator: torch.Generator | None = None) -> torch.Tensor:
         eps = check_eps(eps, self.norm)
+        if isinstance(eps, torch.Tensor):
+            if not self.per_example_eps:
+                raise TypeError(f"{self.name} takes one eps per batch; per-example eps needs one of our own attacks")
+            if len(eps) != len(x):
+                raise ValueError(f"per-example eps has {len(eps)} entries for a batch of {len(x)}")
+            eps = eps.to(device=x.device, dtype=x.dtype).view(-1, *([1] * (x.ndim - 1)))
         if generator is None:
             generator = torch.Generator().manual_seed(0)
         modes = [(module, module.training) for module in model.modules()]
@@ -68,9 +87,9 @@ class Attack(abc.ABC):
         return x_adv.detach().to(device=x.device, dtype=x.dtype)
 
     @abc.abstractmethod
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float | torch.Tensor,
             generator: torch.Generator) -> torch.Tensor:
-        """Return x_adv for the batch; model is in eval mode."""
+        """Return x_adv for the batch; model is in eval mode; eps a float or an (N, 1, ..., 1) tensor."""
 
 
 def seed_from(generator: torch.Generator) -> int:

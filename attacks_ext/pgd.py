@@ -19,19 +19,19 @@ def _per_example_l2(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
 
 
-def random_start(x: torch.Tensor, eps: float, norm: Norm, generator: torch.Generator) -> torch.Tensor:
+def random_start(x: torch.Tensor, eps, norm: Norm, generator: torch.Generator) -> torch.Tensor:
     """A point drawn in the eps-ball around x, clipped to [0, 1]: uniform in the Linf box; for L2 a
-    uniform direction with radius eps * U(0, 1)."""
+    uniform direction with radius eps * U(0, 1). Drawn on the CPU so every device sees the same numbers."""
     if norm is Norm.LINF:
-        delta = (torch.rand(x.shape, generator=generator) * 2 - 1) * eps
+        unit = torch.rand(x.shape, generator=generator) * 2 - 1
     else:
         direction = torch.randn(x.shape, generator=generator)
         radius = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=generator)
-        delta = direction / _per_example_l2(direction).clamp_min(1e-12) * radius * eps
-    return (x + delta.to(device=x.device, dtype=x.dtype)).clamp(0, 1)
+        unit = direction / _per_example_l2(direction).clamp_min(1e-12) * radius
+    return (x + unit.to(device=x.device, dtype=x.dtype) * eps).clamp(0, 1)
 
 
-def project(x_adv: torch.Tensor, x: torch.Tensor, eps: float, norm: Norm) -> torch.Tensor:
+def project(x_adv: torch.Tensor, x: torch.Tensor, eps, norm: Norm) -> torch.Tensor:
     """Project x_adv onto the eps-ball around x intersected with [0, 1]."""
     if norm is Norm.LINF:
         x_adv = torch.max(torch.min(x_adv, x + eps), x - eps)
@@ -55,6 +55,8 @@ class ProjectedGradientDescent(Attack):
     Linf steps along sign(grad), L2 along grad / ||grad||_2; each iterate is projected onto the
     eps-ball and [0, 1]. Returns the last iterate. Shapes: x (N, C, H, W) in [0, 1], y (N,).
     """
+
+    per_example_eps = True
 
     def __init__(self, name: str, norm: Norm, *, steps: int = 40, step_fraction: float | None = None,
                  random_start: bool = True):

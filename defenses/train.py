@@ -6,8 +6,10 @@ and retrained, never used.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
+import math
 import os
 import sys
 import time
@@ -23,8 +25,10 @@ from tqdm.auto import tqdm
 from harness.counting import EvaluationCounter
 from harness.data import Dataset
 from harness.models import build_model
-from harness.registry import ATTACKS
+from attacks_ext.pgd import project
 from defenses.recipes import Recipe
+from harness.registry import ATTACKS
+from harness.threat import Norm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Source that decides what a recipe trains into; editing any of it invalidates the cached checkpoints.
@@ -48,64 +52,194 @@ class TrainingLog:
 
     epochs: list[dict] = field(default_factory=list)
     seconds: float = 0.0
-    forward_passes: int = 0  # examples sent through the model, adversary included
-    backward_passes: int = 0  # examples whose gradient flowed back through the model, adversary included
+    forward_passes: int = 0  # examples sent through the trained model, adversary included
+    backward_passes: int = 0  # examples whose gradient flowed back through it, adversary included
+    source_passes: int = 0  # examples sent through fixed ensemble sources (forward + backward)
+    guard: dict | None = None  # what the overfitting guard saw, when it fired
 
     def as_dict(self) -> dict:
-        return {"epochs": self.epochs, "seconds": self.seconds, "forward_passes": self.forward_passes,
-                "backward_passes": self.backward_passes}
+        return dataclasses.asdict(self)
 
 
-def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | str = "cpu",
-          progress: bool = True) -> tuple[nn.Module, TrainingLog]:
-    """Train `recipe` on `data.x_train` from scratch; returns the model in eval mode and its log."""
+def draw_eps(recipe: Recipe, eps: float, count: int, generator: torch.Generator) -> torch.Tensor:
+    """Per-example eps: fixed, or N(0, sigma) with the negative half discarded and truncated to [0, eps]
+    (Kurakin et al. 2017), sampled exactly by inverting the half-normal CDF."""
+    if recipe.eps_sigma is None:
+        return torch.full((count,), float(eps))
+    top = math.erf(eps / (recipe.eps_sigma * math.sqrt(2)))  # P(|N(0, sigma)| <= eps)
+    u = torch.rand(count, generator=generator, dtype=torch.float64) * top
+    return (torch.special.ndtri((1 + u) / 2) * recipe.eps_sigma).clamp(0, eps).float()
+
+
+def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, alpha: float) -> torch.Tensor:
+    """Per-example cross-entropy against y_hot - alpha * (y_hot - 1/C) (Shafahi et al., label smoothing)."""
+    log_p = F.log_softmax(logits, dim=1)
+    if alpha == 0:
+        return -log_p.gather(1, y[:, None]).squeeze(1)
+    target = F.one_hot(y, logits.shape[1]).to(log_p.dtype)
+    target = target - alpha * (target - 1.0 / logits.shape[1])
+    return -(target * log_p).sum(1)
+
+
+def squeeze_term(logits: torch.Tensor, form: str) -> torch.Tensor:
+    """The logit-squeezing penalty (before beta): the Frobenius norm of the minibatch logit matrix, or the
+    mean of the per-example logit norms."""
+    if form == "per-example-mean":
+        return logits.norm(dim=1).mean()
+    return logits.norm()
+
+
+def kurakin_loss(per_example: torch.Tensor, k: int, adversarial_weight: float) -> torch.Tensor:
+    """(sum_clean L + lambda * sum_adv L) / ((m - k) + lambda * k), the first k examples adversarial
+    (Kurakin et al. 2017, Algorithm 1)."""
+    m = len(per_example)
+    adversarial, clean = per_example[:k].sum(), per_example[k:].sum()
+    return (clean + adversarial_weight * adversarial) / ((m - k) + adversarial_weight * k)
+
+
+def recipe_loss(recipe: Recipe, logits: torch.Tensor, y: torch.Tensor, k: int) -> torch.Tensor:
+    """The recipe's loss on one minibatch whose first k examples are adversarial (TRADES' KL term aside):
+    Kurakin's weighted smoothed cross-entropy plus the logit-squeezing term in the recipe's form."""
+    loss = kurakin_loss(smoothed_cross_entropy(logits, y, recipe.label_smoothing), k, recipe.adversarial_weight)
+    if recipe.logit_squeeze_form == "batch-frobenius-sum-ce":
+        loss = loss * len(y)  # Madry et al.'s MNIST code sums the cross-entropy over the minibatch
+    if recipe.logit_squeeze > 0:
+        loss = loss + recipe.logit_squeeze * squeeze_term(logits, recipe.logit_squeeze_form)
+    return loss
+
+
+def trades_kl(logits_clean: torch.Tensor, logits_adversarial: torch.Tensor) -> torch.Tensor:
+    """TRADES' robust term: KL(f(x) || f(x')) averaged over the minibatch (Zhang et al. 2019)."""
+    return F.kl_div(F.log_softmax(logits_adversarial, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
+
+
+def trades_adversary(model: nn.Module, x: torch.Tensor, *, eps: float, steps: int, generator: torch.Generator) -> torch.Tensor:
+    """TRADES' inner maximization: signed ascent on KL(f(x) || f(x')) in the Linf ball, from x + 0.001 N(0, I)."""
+    was_training = model.training
+    model.eval()
+    with torch.no_grad():
+        logits_clean = model(x)
+    x_adv = (x + 0.001 * torch.randn(x.shape, generator=generator).to(x.device)).clamp(0, 1)
+    step = 2.5 * eps / steps
+    for _ in range(steps):
+        x_adv.requires_grad_(True)
+        kl = trades_kl(logits_clean, model(x_adv))
+        (grad,) = torch.autograd.grad(kl, x_adv)
+        x_adv = project(x_adv.detach() + step * grad.sign(), x, eps, Norm.LINF)
+    model.train(was_training)
+    return x_adv.detach()
+
+
+def build_recipe_model(recipe: Recipe, data: Dataset) -> nn.Module:
+    """The untrained model a recipe names, shaped for `data`."""
+    return build_model(recipe.model, num_classes=data.num_classes, in_channels=data.input_shape[0], width=recipe.width,
+                       activation=recipe.activation, activation_beta=recipe.activation_beta)
+
+
+def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | str = "cpu", progress: bool = True,
+          sources: dict[str, nn.Module] | None = None) -> tuple[nn.Module, TrainingLog]:
+    """Train `recipe` on `data.x_train` from scratch; returns the model in eval mode and its log.
+
+    `sources` are the fixed models named by `recipe.ensemble_sources` (ensemble adversarial training).
+    """
     device = torch.device(device)
+    sources = sources or {}
+    missing = [name for name in recipe.ensemble_sources if name not in sources]
+    if missing:
+        raise ValueError(f"recipe {recipe.name!r}: ensemble source(s) {', '.join(missing)} not provided")
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(seed)
-        model = build_model(recipe.model, num_classes=data.num_classes, in_channels=data.input_shape[0], width=recipe.width)
+        model = build_recipe_model(recipe, data)
     model.to(device)
     counted = EvaluationCounter(model)
+    crafting = [counted] + [EvaluationCounter(sources[name].to(device).eval()) for name in recipe.ensemble_sources]
+    adversaries = [ATTACKS.get(recipe.adversary)(**dict(recipe.adversary_options))] if recipe.adversary else []
+    if recipe.mixed_adversary:
+        adversaries.append(ATTACKS.get(recipe.mixed_adversary)())
     if recipe.optimizer == "adam":
         optimizer = torch.optim.Adam(model.parameters(), lr=recipe.lr, weight_decay=recipe.weight_decay)
     else:
         optimizer = torch.optim.SGD(model.parameters(), lr=recipe.lr, momentum=0.9, weight_decay=recipe.weight_decay)
-    adversary = ATTACKS.get(recipe.adversary)(**dict(recipe.adversary_options)) if recipe.adversary else None
     shuffle = torch.Generator().manual_seed(seed)
-    adversary_rng = torch.Generator().manual_seed(seed + 1)
+    draws = torch.Generator().manual_seed(seed + 1)  # adversary randomness, eps draws, noise
     x_all, y_all = data.x_train, data.y_train
+    guard = recipe.overfit_guard != "off"
+    if guard:  # held out so the guard measures generalization, not memorization
+        x_guard, y_guard = x_all[-recipe.guard_examples:].to(device), y_all[-recipe.guard_examples:].to(device)
+        x_all, y_all = x_all[: -recipe.guard_examples], y_all[: -recipe.guard_examples]
+        guard_attack = ATTACKS.get("pgd-l2" if adversaries and adversaries[0].norm is Norm.L2 else "pgd-linf")(steps=10)
+        best_guard, best_state = -1.0, None
     log = TrainingLog()
     start = time.perf_counter()
+    step = 0
     epochs = tqdm(range(recipe.epochs), desc=f"train {recipe.name}", unit="epoch", disable=not progress, leave=False)
     for epoch in epochs:
         eps = recipe.eps_at(epoch)
         order = torch.randperm(len(x_all), generator=shuffle)
-        loss_sum = clean_correct = trained_correct = seen = 0.0
+        totals = dict(loss=0.0, clean=0.0, adversarial=0.0, adversarial_seen=0, seen=0)
         model.train()
         for begin in range(0, len(order), recipe.batch_size):
             index = order[begin : begin + recipe.batch_size]
             x, y = x_all[index].to(device), y_all[index].to(device)
-            x_train = adversary(counted, x, y, eps=eps, generator=adversary_rng) if adversary and eps > 0 else x
-            logits = counted(x_train)
-            loss = F.cross_entropy(logits, y)
+            m, k = len(y), 0
+            x_in = x
+            if adversaries and step >= recipe.delay_steps and eps > 0:
+                k = int(round(recipe.adversarial_fraction * m))
+                if k:
+                    attack = adversaries[step % len(adversaries)]
+                    if attack is adversaries[0]:
+                        batch_eps = draw_eps(recipe, eps, k, draws)
+                    else:
+                        batch_eps = torch.full((k,), recipe.eps_at(epoch, recipe.mixed_eps))
+                    source = crafting[step % len(crafting)]
+                    x_adv = attack(source, x[:k], y[:k], eps=batch_eps, generator=draws)
+                    x_in = torch.cat([x_adv, x[k:]])
+            if recipe.gaussian_noise > 0:
+                noise = torch.randn(x_in.shape, generator=draws).to(device)
+                x_in = (x_in + recipe.gaussian_noise * noise).clamp(0, 1)
+            logits = counted(x_in)
+            loss = recipe_loss(recipe, logits, y, k)
+            adversarial_logits, adversarial_labels = logits[:k], y[:k]
+            if recipe.loss == "trades" and eps > 0 and step >= recipe.delay_steps:
+                x_adv = trades_adversary(counted, x, eps=eps, steps=recipe.trades_steps, generator=draws)
+                adversarial_logits, adversarial_labels = counted(x_adv), y
+                loss = loss + recipe.trades_beta * trades_kl(logits, adversarial_logits)
             optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
-            loss_sum += float(loss.detach()) * len(y)
-            trained_correct += float((logits.argmax(1) == y).sum())
-            if x_train is x:
-                clean_correct += float((logits.argmax(1) == y).sum())
-            else:
-                with torch.no_grad():
-                    clean_correct += float((counted(x).argmax(1) == y).sum())
-            seen += len(y)
-        record = {"epoch": epoch + 1, "eps": eps, "loss": loss_sum / seen, "clean_accuracy": clean_correct / seen,
-                  "adversary_accuracy": trained_correct / seen if adversary else None,
+            step += 1
+            with torch.no_grad():  # bookkeeping: the raw model, so it is not counted as training cost
+                predictions = model(x).argmax(1) if x_in is not x else logits.argmax(1)
+                totals["clean"] += float((predictions == y).sum())
+                totals["adversarial"] += float((adversarial_logits.argmax(1) == adversarial_labels).sum())
+                totals["adversarial_seen"] += len(adversarial_labels)
+            totals["loss"] += float(loss.detach()) * m
+            totals["seen"] += m
+        record = {"epoch": epoch + 1, "eps": eps, "loss": totals["loss"] / totals["seen"],
+                  "clean_accuracy": totals["clean"] / totals["seen"],
+                  "adversary_accuracy": totals["adversarial"] / totals["adversarial_seen"] if totals["adversarial_seen"] else None,
                   "seconds": time.perf_counter() - start}
+        if guard:
+            model.eval()
+            x_attacked = guard_attack(model, x_guard, y_guard, eps=recipe.eps, generator=torch.Generator().manual_seed(seed))
+            with torch.no_grad():
+                record["guard_pgd_accuracy"] = float((model(x_attacked).argmax(1) == y_guard).float().mean())
+            model.train()
+            if record["guard_pgd_accuracy"] > best_guard:
+                best_guard, best_epoch = record["guard_pgd_accuracy"], epoch + 1
+                best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
+            elif best_guard >= 0.2 and record["guard_pgd_accuracy"] < 0.5 * best_guard and log.guard is None:
+                log.guard = {"epoch": epoch + 1, "pgd_accuracy": record["guard_pgd_accuracy"], "best_epoch": best_epoch,
+                             "best_pgd_accuracy": best_guard, "action": recipe.overfit_guard}
         log.epochs.append(record)
         epochs.set_postfix(loss=f"{record['loss']:.3f}", clean=f"{record['clean_accuracy']:.3f}")
+        if guard and log.guard is not None and recipe.overfit_guard == "stop":
+            model.load_state_dict(best_state)  # catastrophic overfitting: keep the last good weights
+            break
     optimizer.zero_grad(set_to_none=True)  # a checkpointed model carries no stale gradients
     log.seconds = time.perf_counter() - start
     log.forward_passes, log.backward_passes = counted.forward_evals, counted.gradient_evals
+    log.source_passes = sum(c.forward_evals + c.gradient_evals for c in crafting[1:])
     return model.eval(), log
 
 
@@ -120,9 +254,10 @@ class Checkpoint:
     log: dict
 
 
-def checkpoint_key(recipe: Recipe, data: Dataset, seed: int) -> str:
+def checkpoint_key(recipe: Recipe, data: Dataset, seed: int, source_keys: tuple[str, ...] = ()) -> str:
+    """Hash of everything that decides the trained weights; `source_keys` are the ensemble sources' keys."""
     payload = {"recipe": recipe.as_dict(), "dataset": [data.name, data.fingerprint], "seed": seed,
-               "code": training_code_version()}
+               "code": training_code_version(), "sources": list(source_keys)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
@@ -151,18 +286,20 @@ def _verified(recipe: Recipe, data: Dataset, key: str, weights: Path, sidecar: P
         raise ValueError(f"{weights.name} does not match the sha256 recorded when it was written")
     try:
         state = load_file(weights)
-        model = build_model(recipe.model, num_classes=data.num_classes, in_channels=data.input_shape[0], width=recipe.width)
-        model.load_state_dict(state, strict=True)
+        build_recipe_model(recipe, data).load_state_dict(state, strict=True)
     except Exception as error:  # safetensors and torch raise several types for a bad file
         raise ValueError(f"{weights.name} does not load into {recipe.model}: {error}") from None
     return Checkpoint(key, weights, meta.get("training", {}))
 
 
 def obtain_checkpoint(recipe: Recipe, data: Dataset, *, seed: int, cache_dir: Path, device: torch.device | str = "cpu",
-                      progress: bool = True) -> Checkpoint:
-    """The cached checkpoint for (recipe, data, seed, code), training it first when absent or broken."""
+                      progress: bool = True, sources: dict[str, tuple[str, nn.Module]] | None = None) -> Checkpoint:
+    """The cached checkpoint for (recipe, data, seed, code, sources), training it first when absent or broken.
+
+    `sources` maps each of `recipe.ensemble_sources` to (its checkpoint key, its model)."""
     cache_dir = Path(cache_dir)
-    key = checkpoint_key(recipe, data, seed)
+    sources = sources or {}
+    key = checkpoint_key(recipe, data, seed, tuple(sources[name][0] for name in recipe.ensemble_sources))
     weights, sidecar = _paths(cache_dir, recipe, key)
     if weights.exists() or sidecar.exists():
         try:
@@ -170,7 +307,8 @@ def obtain_checkpoint(recipe: Recipe, data: Dataset, *, seed: int, cache_dir: Pa
         except (ValueError, OSError) as error:
             print(f"harness: cached checkpoint for {recipe.name!r} failed verification ({error}); retraining",
                   file=sys.stderr)
-    model, log = train(recipe, data, seed=seed, device=device, progress=progress)
+    model, log = train(recipe, data, seed=seed, device=device, progress=progress,
+                       sources={name: model for name, (_, model) in sources.items()})
     cache_dir.mkdir(parents=True, exist_ok=True)
     state = {name: tensor.detach().cpu().contiguous() for name, tensor in model.state_dict().items()}
     temporary = weights.with_suffix(".tmp")
@@ -183,6 +321,6 @@ def obtain_checkpoint(recipe: Recipe, data: Dataset, *, seed: int, cache_dir: Pa
 
 
 def load_checkpoint_model(recipe: Recipe, data: Dataset, checkpoint: Checkpoint, device: torch.device | str = "cpu") -> nn.Module:
-    model = build_model(recipe.model, num_classes=data.num_classes, in_channels=data.input_shape[0], width=recipe.width)
+    model = build_recipe_model(recipe, data)
     model.load_state_dict(load_file(checkpoint.weights), strict=True)
     return model.to(device).eval()

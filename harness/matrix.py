@@ -22,7 +22,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from defenses.train import checkpoint_key, file_sha256, load_checkpoint_model, obtain_checkpoint
+from defenses.train import Checkpoint, checkpoint_key, file_sha256, load_checkpoint_model, obtain_checkpoint
 from harness.counting import EvaluationCounter
 from harness.data import Dataset, load_dataset
 from harness.models import load_external
@@ -62,15 +62,33 @@ def code_commit() -> str:
 
 # --- defenses ---------------------------------------------------------------------------------------
 
-def defense_key(defense: DefenseSpec, data: Dataset, seed: int) -> str:
-    """Identity of the model a defense row evaluates: its checkpoint key, or a hash of the external files."""
-    if defense.recipe is not None:
-        return checkpoint_key(defense.recipe, data, seed)
+def external_key(defense: DefenseSpec) -> str:
+    """Identity of an external model: a hash of its factory, options and weights file."""
     external = defense.external
     if not external.weights.is_file():
         raise FileNotFoundError(f"defense {defense.name!r}: external weights {str(external.weights)!r} not found")
     payload = [external.factory, list(external.options), file_sha256(external.weights)]
     return "ext-" + hashlib.sha256(json.dumps(payload, default=str).encode()).hexdigest()[:16]
+
+
+def defense_keys(spec: BenchmarkSpec, data: Dataset) -> dict[str, str]:
+    """The model identity of every defense row, computed without training: checkpoint keys (which include
+    the keys of ensemble sources) or external-file hashes."""
+    by_name = {d.name: d for d in spec.defenses}
+    keys: dict[str, str] = {}
+
+    def key_of(defense: DefenseSpec) -> str:
+        if defense.name not in keys:
+            if defense.recipe is None:
+                keys[defense.name] = external_key(defense)
+            else:
+                sources = tuple(key_of(by_name[name]) for name in defense.recipe.ensemble_sources)
+                keys[defense.name] = checkpoint_key(defense.recipe, data, spec.seed, sources)
+        return keys[defense.name]
+
+    for defense in spec.defenses:
+        key_of(defense)
+    return keys
 
 
 @dataclass(frozen=True)
@@ -84,20 +102,23 @@ class PreparedDefense:
 
     def load_model(self, data: Dataset, device: torch.device) -> torch.nn.Module:
         if self.spec.recipe is not None:
-            from defenses.train import Checkpoint
-
             return load_checkpoint_model(self.spec.recipe, data, Checkpoint(self.key, self.weights, self.training), device)
         external = self.spec.external
         return load_external(external.factory, external.weights, dict(external.options)).to(device).eval()
 
 
 def prepare_defense(defense: DefenseSpec, data: Dataset, *, seed: int, cache_dir: Path, device: torch.device,
-                    progress: bool = True) -> PreparedDefense:
-    """Train (or load from the cache) a recipe; check that an external model loads."""
+                    progress: bool = True, sources: dict[str, PreparedDefense] | None = None) -> PreparedDefense:
+    """Train (or load from the cache) a recipe; check that an external model loads.
+
+    `sources` holds the prepared defenses that `defense.recipe.ensemble_sources` names."""
     if defense.recipe is not None:
-        checkpoint = obtain_checkpoint(defense.recipe, data, seed=seed, cache_dir=cache_dir, device=device, progress=progress)
+        sources = sources or {}
+        models = {name: (sources[name].key, sources[name].load_model(data, device)) for name in defense.recipe.ensemble_sources}
+        checkpoint = obtain_checkpoint(defense.recipe, data, seed=seed, cache_dir=cache_dir, device=device,
+                                       progress=progress, sources=models)
         return PreparedDefense(defense, checkpoint.key, checkpoint.weights, checkpoint.log)
-    prepared = PreparedDefense(defense, defense_key(defense, data, seed), defense.external.weights, {})
+    prepared = PreparedDefense(defense, external_key(defense), defense.external.weights, {})
     prepared.load_model(data, device)  # fail now, with the factory's or the file's error, not inside a cell
     return prepared
 
@@ -137,8 +158,9 @@ class Cell:
 def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
     """Every cell of the matrix, keyed by everything that decides its outcome."""
     cells = []
+    keys = defense_keys(spec, data)
     for defense in spec.defenses:
-        model_key = defense_key(defense, data, spec.seed)
+        model_key = keys[defense.name]
         points = [(None, 0.0)] + [(attack, eps) for attack in spec.attacks for eps in attack.eps]
         for attack, eps in points:
             identity = {
@@ -247,14 +269,21 @@ def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: tor
     summary = RunSummary(planned=len(cells), computed=0, skipped=len(cells) - len(todo), failed=[])
     if not todo:
         return summary
-    needed = {cell.defense for cell in todo}
-    prepared = {}
-    for defense in spec.defenses:
-        if defense.name in needed:
-            prepared[defense.name] = prepare_defense(defense, data, seed=spec.seed, cache_dir=cache_dir, device=device,
-                                                     progress=progress)
-            store.write_defense(prepared[defense.name].key, defense.name, defense.kind, describe_defense(defense),
-                                prepared[defense.name].training)
+    by_name = {d.name: d for d in spec.defenses}
+    prepared: dict[str, PreparedDefense] = {}
+
+    def prepare(name: str) -> PreparedDefense:
+        if name not in prepared:
+            defense = by_name[name]
+            for source in defense.recipe.ensemble_sources if defense.recipe else ():
+                prepare(source)  # the spec loader has ruled out cycles
+            prepared[name] = prepare_defense(defense, data, seed=spec.seed, cache_dir=cache_dir, device=device,
+                                             progress=progress, sources=prepared)
+            store.write_defense(prepared[name].key, name, defense.kind, describe_defense(defense), prepared[name].training)
+        return prepared[name]
+
+    for name in dict.fromkeys(cell.defense for cell in todo):
+        prepare(name)
     runner = CellRunner(spec, data, prepared, device)
     versions, commit = library_versions(), code_commit()
     executor = executor or SequentialExecutor()

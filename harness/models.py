@@ -28,17 +28,46 @@ class Normalize(nn.Module):
         return (x - self.mean) / self.std
 
 
+class ReluDecay(nn.Module):
+    """ReluDecay_beta(x) = relu(x) / (1 + beta * relu(x)^2) (Kurakin et al. 2017, Appendix D)."""
+
+    def __init__(self, beta: float):
+        super().__init__()
+        self.beta = beta
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        r = torch.relu(x)
+        return r / (1 + self.beta * r * r)
+
+
+ACTIVATIONS = ("relu", "relu6", "relu-decay")
+
+
+def make_activation(name: str, beta: float = 0.01) -> nn.Module:
+    if name == "relu":
+        return nn.ReLU()
+    if name == "relu6":
+        return nn.ReLU6()
+    if name == "relu-decay":
+        if not beta > 0:
+            raise ValueError(f"relu-decay needs activation_beta > 0, got {beta!r}")
+        return ReluDecay(beta)
+    raise ValueError(f"unknown activation {name!r}; allowed: {', '.join(ACTIVATIONS)}")
+
+
 class MnistCNN(nn.Module):
     """Two 5x5 conv + max-pool stages and two fully connected layers, for 28 x 28 inputs."""
 
-    def __init__(self, conv1: int, conv2: int, hidden: int, *, num_classes: int, in_channels: int):
+    def __init__(self, conv1: int, conv2: int, hidden: int, *, num_classes: int, in_channels: int,
+                 activation: str = "relu", activation_beta: float = 0.01):
         super().__init__()
+        act = lambda: make_activation(activation, activation_beta)  # noqa: E731
         self.features = nn.Sequential(
-            nn.Conv2d(in_channels, conv1, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
-            nn.Conv2d(conv1, conv2, 5, padding=2), nn.ReLU(), nn.MaxPool2d(2),
+            nn.Conv2d(in_channels, conv1, 5, padding=2), act(), nn.MaxPool2d(2),
+            nn.Conv2d(conv1, conv2, 5, padding=2), act(), nn.MaxPool2d(2),
         )
         self.classifier = nn.Sequential(
-            nn.Flatten(), nn.Linear(conv2 * 7 * 7, hidden), nn.ReLU(), nn.Linear(hidden, num_classes)
+            nn.Flatten(), nn.Linear(conv2 * 7 * 7, hidden), act(), nn.Linear(hidden, num_classes)
         )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -46,20 +75,26 @@ class MnistCNN(nn.Module):
 
 
 @MODELS.register("madry-cnn")
-def madry_cnn(*, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> nn.Module:
+def madry_cnn(*, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, activation: str = "relu",
+              activation_beta: float = 0.01) -> nn.Module:
     """Madry et al. MNIST CNN: conv 32 5x5, pool, conv 64 5x5, pool, fc 1024, fc 10 (times `width`)."""
-    return MnistCNN(_scaled(32, width), _scaled(64, width), _scaled(1024, width), num_classes=num_classes, in_channels=in_channels)
+    return MnistCNN(_scaled(32, width), _scaled(64, width), _scaled(1024, width), num_classes=num_classes,
+                    in_channels=in_channels, activation=activation, activation_beta=activation_beta)
 
 
 @MODELS.register("small-cnn")
-def small_cnn(*, num_classes: int = 10, in_channels: int = 1, width: float = 1.0) -> nn.Module:
+def small_cnn(*, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, activation: str = "relu",
+              activation_beta: float = 0.01) -> nn.Module:
     """A quarter-size Madry CNN (conv 16, conv 32, fc 128) for fast CPU runs and tests."""
-    return MnistCNN(_scaled(16, width), _scaled(32, width), _scaled(128, width), num_classes=num_classes, in_channels=in_channels)
+    return MnistCNN(_scaled(16, width), _scaled(32, width), _scaled(128, width), num_classes=num_classes,
+                    in_channels=in_channels, activation=activation, activation_beta=activation_beta)
 
 
 class BasicBlock(nn.Module):
-    def __init__(self, in_planes: int, planes: int, stride: int):
+    def __init__(self, in_planes: int, planes: int, stride: int, activation: str, activation_beta: float):
         super().__init__()
+        self.act1 = make_activation(activation, activation_beta)
+        self.act2 = make_activation(activation, activation_beta)
         self.conv1 = nn.Conv2d(in_planes, planes, 3, stride=stride, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(planes)
         self.conv2 = nn.Conv2d(planes, planes, 3, padding=1, bias=False)
@@ -69,22 +104,24 @@ class BasicBlock(nn.Module):
             self.shortcut = nn.Sequential(nn.Conv2d(in_planes, planes, 1, stride=stride, bias=False), nn.BatchNorm2d(planes))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        out = torch.relu(self.bn1(self.conv1(x)))
-        return torch.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+        out = self.act1(self.bn1(self.conv1(x)))
+        return self.act2(self.bn2(self.conv2(out)) + self.shortcut(x))
 
 
 class CifarResNet(nn.Module):
     """ResNet for 32 x 32 inputs (He et al. CIFAR layout: 3 stages of `blocks` basic blocks)."""
 
-    def __init__(self, blocks: int, base: int, *, num_classes: int, in_channels: int, mean, std):
+    def __init__(self, blocks: int, base: int, *, num_classes: int, in_channels: int, mean, std,
+                 activation: str = "relu", activation_beta: float = 0.01):
         super().__init__()
         self.normalize = Normalize(mean, std)
-        self.stem = nn.Sequential(nn.Conv2d(in_channels, base, 3, padding=1, bias=False), nn.BatchNorm2d(base), nn.ReLU())
+        self.stem = nn.Sequential(nn.Conv2d(in_channels, base, 3, padding=1, bias=False), nn.BatchNorm2d(base),
+                                  make_activation(activation, activation_beta))
         layers, planes = [], base
         for stage, stage_planes in enumerate((base, 2 * base, 4 * base)):
             for i in range(blocks):
                 stride = 2 if stage > 0 and i == 0 else 1
-                layers.append(BasicBlock(planes, stage_planes, stride))
+                layers.append(BasicBlock(planes, stage_planes, stride, activation, activation_beta))
                 planes = stage_planes
         self.layers = nn.Sequential(*layers)
         self.head = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten(), nn.Linear(planes, num_classes))
@@ -98,14 +135,18 @@ CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
 @MODELS.register("cifar-resnet20")
-def cifar_resnet20(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0) -> nn.Module:
+def cifar_resnet20(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, activation: str = "relu",
+                   activation_beta: float = 0.01) -> nn.Module:
     """ResNet-20 for CIFAR-10 (16/32/64 channels times `width`), normalizing with CIFAR-10 statistics."""
     mean, std = (CIFAR10_MEAN, CIFAR10_STD) if in_channels == 3 else ((0.5,) * in_channels, (0.25,) * in_channels)
-    return CifarResNet(3, _scaled(16, width), num_classes=num_classes, in_channels=in_channels, mean=mean, std=std)
+    return CifarResNet(3, _scaled(16, width), num_classes=num_classes, in_channels=in_channels, mean=mean, std=std,
+                       activation=activation, activation_beta=activation_beta)
 
 
-def build_model(name: str, *, num_classes: int, in_channels: int, width: float = 1.0) -> nn.Module:
-    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, width=width)
+def build_model(name: str, *, num_classes: int, in_channels: int, width: float = 1.0, activation: str = "relu",
+                activation_beta: float = 0.01) -> nn.Module:
+    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, width=width, activation=activation,
+                            activation_beta=activation_beta)
 
 
 def load_external(factory: str, weights, options: dict | None = None) -> nn.Module:

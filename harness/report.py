@@ -38,6 +38,7 @@ class Leaderboard:
     details: dict[Norm, pd.DataFrame]  # per norm: one row per defense, clean + attack @ eps
     curves: dict[str, dict[Norm, list[tuple[float, float]]]]  # defense -> norm -> (eps, worst-case accuracy)
     costs: pd.DataFrame  # one row per defense: training and evaluation cost
+    trainings: dict[str, dict]  # defense -> training log (per-epoch metrics, cost, guard events)
     missing: list[str]
     commits: list[str]
     versions: dict
@@ -52,11 +53,15 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     missing = [cell.describe() for cell in cells if cell.key not in records]
 
     summary_rows, detail_rows, costs_rows, curves = [], {norm: [] for norm, _ in spec.eps}, [], {}
+    trainings: dict[str, dict] = {}
     for defense in spec.defenses:
         pairs = by_defense[defense.name]
         clean_record = pairs[0][1]
         clean = clean_record.clean_correct if clean_record is not None else None
+        training = (store.defense(pairs[0][0].defense_key) or {}).get("training", {})
+        training_evals = sum(training.get(k, 0) for k in ("forward_passes", "backward_passes", "source_passes"))
         summary = {"Defense": defense.name, "Source": defense.kind,
+                   "Training evals (k)": training_evals / 1e3 if defense.recipe is not None and training else None,
                    "Clean": None if clean is None else 100 * clean.mean()}
         details = {norm: {"Defense": defense.name, "Clean": summary["Clean"]} for norm in detail_rows}
         curves[defense.name] = {}
@@ -76,7 +81,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
         for norm in detail_rows:
             detail_rows[norm].append(details[norm])
         present = [r for _, r in pairs if r is not None]
-        training = (store.defense(pairs[0][0].defense_key) or {}).get("training", {})
+        trainings[defense.name] = training
         costs_rows.append({
             "Defense": defense.name,
             "Training s": training.get("seconds"),
@@ -96,7 +101,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     all_records = list(records.values())
     commits = sorted({r.git_commit for r in all_records})
     versions = all_records[0].versions if all_records else library_versions()
-    return Leaderboard(spec, summary, details, curves, costs, missing, commits, versions)
+    return Leaderboard(spec, summary, details, curves, costs, trainings, missing, commits, versions)
 
 
 def _markdown(frame: pd.DataFrame, digits: int = 1) -> str:
@@ -134,14 +139,62 @@ def render_figure(board: Leaderboard, path: Path) -> None:
         axis.set_ylim(-2, 102)
         axis.grid(alpha=0.3)
         axis.set_title(f"{board.spec.name}: {norm.symbol} threat model")
-    axes[0][0].legend(fontsize=8)
+    if axes[0][0].get_legend_handles_labels()[0]:
+        axes[0][0].legend(fontsize=8)
     fig.tight_layout()
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, metadata={"Software": None})
     plt.close(fig)
 
 
-def render_markdown(board: Leaderboard, *, command: str, figure: str) -> str:
+def training_figure_name(spec: BenchmarkSpec) -> str:
+    return f"{spec.name}-training.png"
+
+
+def render_training_figure(board: Leaderboard, path: Path) -> None:
+    """One panel per trained defense: loss and clean / training-adversary / guard accuracy per epoch."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    logs = {name: log for name, log in board.trainings.items() if log.get("epochs")}
+    if not logs:
+        return
+    columns = min(5, len(logs))
+    rows = -(-len(logs) // columns)
+    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.8 * rows), squeeze=False)
+    for axis in axes.flat[len(logs):]:
+        axis.axis("off")
+    for axis, (name, log) in zip(axes.flat, logs.items()):
+        epochs = [e["epoch"] for e in log["epochs"]]
+        axis.plot(epochs, [e["clean_accuracy"] for e in log["epochs"]], label="clean acc.")
+        adversary = [e.get("adversary_accuracy") for e in log["epochs"]]
+        if any(a is not None for a in adversary):
+            axis.plot(epochs, [float("nan") if a is None else a for a in adversary], label="adversary acc.")
+        guard = [e.get("guard_pgd_accuracy") for e in log["epochs"]]
+        if any(g is not None for g in guard):
+            axis.plot(epochs, [float("nan") if g is None else g for g in guard], label="guard PGD acc.")
+        axis.set_ylim(0, 1.02)
+        axis.set_title(name, fontsize=9)
+        axis.set_xlabel("epoch", fontsize=8)
+        loss_axis = axis.twinx()
+        loss_axis.plot(epochs, [e["loss"] for e in log["epochs"]], color="gray", linestyle="--", label="loss")
+        loss_axis.tick_params(labelsize=7, colors="gray")
+        axis.tick_params(labelsize=7)
+    handles = [h for axis in axes.flat[: len(logs)] for h in axis.get_legend_handles_labels()[0]]
+    labels = [label for axis in axes.flat[: len(logs)] for label in axis.get_legend_handles_labels()[1]]
+    unique = dict(zip(labels, handles))
+    unique["loss (right axis)"] = plt.Line2D([], [], color="gray", linestyle="--")
+    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), fontsize=8)
+    fig.suptitle(f"{board.spec.name}: training curves", fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    plt.close(fig)
+
+
+def render_markdown(board: Leaderboard, *, command: str, figure: str, training_figure: str | None = None) -> str:
     spec = board.spec
     today = datetime.date.today().isoformat()
     commit = ", ".join(board.commits) or code_commit()
@@ -156,7 +209,8 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str) -> str:
         "Accuracies in %. Robust accuracy counts an example when it is classified correctly both clean and under "
         "the attack. **Worst** is the per-example worst case over every attack run at that norm and eps "
         "(an example counts only if it survives all of them). Rows are sorted by the worst case at "
-        f"{_column(*spec.rank_by)}, then by clean accuracy.",
+        f"{_column(*spec.rank_by)}, then by clean accuracy. **Training evals (k)** is the training cost in "
+        "thousands of model evaluations (examples sent forward plus examples back-propagated, adversary included).",
         "",
     ]
     if board.missing:
@@ -175,12 +229,14 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str) -> str:
     lines += ["## Defenses", ""]
     defenses = pd.DataFrame([
         {"Defense": d.name, "Source": d.kind,
-         "Recipe / model": (f"{d.recipe.model} x{d.recipe.width:g}, {d.recipe.epochs} epochs, "
-                            + (f"adversary {d.recipe.adversary} eps {d.recipe.eps:g}" if d.recipe.adversary else "clean inputs"))
-         if d.recipe else f"{d.external.factory} + {d.external.weights.name}"}
+         "Recipe": d.recipe.name if d.recipe else "external",
+         "Trained with": d.recipe.summary() if d.recipe else f"{d.external.factory} + {d.external.weights.name}",
+         "Overfitting guard": _guard_note(board.trainings.get(d.name, {}))}
         for d in spec.defenses
     ])
     lines += [_markdown(defenses), ""]
+    if training_figure:
+        lines += [f"![training curves]({training_figure})", ""]
     costs = board.costs.copy()
     total_fwd, total_grad = int(costs["Eval fwd"].sum()), int(costs["Eval grad"].sum())
     lines += ["## Measured cost", "",
@@ -192,13 +248,24 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str) -> str:
     return "\n".join(lines)
 
 
+def _guard_note(training: dict) -> str:
+    guard = training.get("guard")
+    if not guard:
+        return "did not fire" if any("guard_pgd_accuracy" in e for e in training.get("epochs", [])) else "off"
+    return (f"fired at epoch {guard['epoch']}: PGD accuracy {100 * guard['pgd_accuracy']:.0f}% after "
+            f"{100 * guard['best_pgd_accuracy']:.0f}% at epoch {guard['best_epoch']} ({guard['action']})")
+
+
 def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path, *, command: str) -> Path:
     """Render `<out_dir>/<name>.md` and its figure; returns the markdown path."""
     board = build(spec, store, data)
     figure = Path("figures") / figure_name(spec)
     render_figure(board, out_dir / figure)
+    training_figure = Path("figures") / training_figure_name(spec)
+    render_training_figure(board, out_dir / training_figure)
     path = out_dir / f"{spec.name}.md"
-    path.write_text(render_markdown(board, command=command, figure=figure.as_posix()))
+    path.write_text(render_markdown(board, command=command, figure=figure.as_posix(),
+                                    training_figure=training_figure.as_posix() if any(log.get("epochs") for log in board.trainings.values()) else None))
     return path
 
 

@@ -151,6 +151,26 @@ def _load_defense(path, name: str, table: dict) -> DefenseSpec:
     return DefenseSpec(name, recipe=recipe)
 
 
+def _check_ensemble_sources(path, defenses: tuple[DefenseSpec, ...]) -> None:
+    """Ensemble sources must be other trained defenses of the same benchmark, with no cycle."""
+    trained = {d.name: d for d in defenses if d.recipe is not None}
+    for defense in trained.values():
+        for source in defense.recipe.ensemble_sources:
+            if source == defense.name or source not in trained:
+                _fail(path, f"defenses.{defense.name}.ensemble_sources",
+                      f"source {source!r} is not another trained defense of this benchmark; "
+                      f"trained defenses: {', '.join(n for n in trained if n != defense.name) or '(none)'}")
+
+    def visit(name: str, trail: tuple[str, ...]):
+        if name in trail:
+            _fail(path, f"defenses.{name}.ensemble_sources", f"sources form a cycle: {' -> '.join(trail + (name,))}")
+        for source in trained[name].recipe.ensemble_sources:
+            visit(source, trail + (name,))
+
+    for name in trained:
+        visit(name, ())
+
+
 def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ...]]) -> AttackSpec:
     key = f"attacks.{label}"
     if not isinstance(table, dict) or "attack" not in table:
@@ -211,6 +231,7 @@ def load(path: str | Path) -> BenchmarkSpec:
     if not isinstance(raw["defenses"], dict) or not raw["defenses"]:
         _fail(path, "defenses", "needs at least one [defenses.NAME] table")
     defenses = tuple(_load_defense(path, name, table) for name, table in raw["defenses"].items())
+    _check_ensemble_sources(path, defenses)
     if not isinstance(raw["attacks"], dict) or not raw["attacks"]:
         _fail(path, "attacks", "needs at least one [attacks.NAME] table")
     attacks = tuple(_load_attack(path, label, table, grid) for label, table in raw["attacks"].items())

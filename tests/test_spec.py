@@ -76,3 +76,29 @@ def test_invalid_toml_and_missing_file(tmp_path):
         spec.load(tmp_path / "bad.toml")
     with pytest.raises(spec.SpecError, match="no such benchmark file"):
         spec.load(tmp_path / "absent.toml")
+
+
+def test_full_profile_loads():
+    loaded = spec.load(QUICK.parent / "mnist-full.toml")
+    assert loaded.dataset == "mnist" and dict(loaded.dataset_options)["data_dir"] == "data/mnist"
+    ensemble = next(d for d in loaded.defenses if d.name == "ensemble-at")
+    assert ensemble.recipe.ensemble_sources == ("natural", "gn")
+
+
+@pytest.mark.parametrize("sources, message", [
+    ('["nowhere"]', "source 'nowhere' is not another trained defense of this benchmark"),
+    ('["ens"]', "source 'ens' is not another trained defense"),
+])
+def test_ensemble_sources_must_be_defenses_of_the_benchmark(tmp_path, sources, message):
+    path = write(tmp_path)
+    path.write_text(path.read_text() + f'\n[defenses.ens]\nrecipe = "ensemble-at"\nensemble_sources = {sources}\n')
+    with pytest.raises(spec.SpecError, match=r"\[defenses.ens.ensemble_sources\] " + message):
+        spec.load(path)
+
+
+def test_ensemble_source_cycles_are_rejected(tmp_path):
+    path = write(tmp_path)
+    path.write_text(path.read_text() + '\n[defenses.a]\nrecipe = "ensemble-at"\nensemble_sources = ["b"]\n'
+                    '\n[defenses.b]\nrecipe = "ensemble-at"\nensemble_sources = ["a"]\n')
+    with pytest.raises(spec.SpecError, match="cycle: a -> b -> a"):
+        spec.load(path)
