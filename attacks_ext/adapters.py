@@ -13,16 +13,9 @@ import torch
 from torch import nn
 
 from attacks_ext.base import Attack, isolated_global_rng, seed_from
+from attacks_ext.pgd import madry_step_fraction
 from harness.registry import ATTACKS
 from harness.threat import Norm
-
-
-def _default_step_fraction(steps: int, step_fraction: float | None) -> float:
-    if int(steps) != steps or steps < 1:
-        raise ValueError(f"steps must be a positive integer, got {steps!r}")
-    if step_fraction is not None and not step_fraction > 0:
-        raise ValueError(f"step_fraction must be > 0, got {step_fraction!r}")
-    return float(step_fraction) if step_fraction is not None else 2.5 / steps
 
 
 class TorchattacksAttack(Attack):
@@ -82,7 +75,7 @@ def torchattacks_fgsm() -> Attack:
 def _torchattacks_pgd(name: str, norm: Norm, steps: int, step_fraction: float | None, random_start: bool) -> Attack:
     import torchattacks
 
-    fraction = _default_step_fraction(steps, step_fraction)
+    fraction = madry_step_fraction(steps, step_fraction)
     cls = torchattacks.PGD if norm is Norm.LINF else torchattacks.PGDL2
     return TorchattacksAttack(
         name, norm,
@@ -156,7 +149,7 @@ def art_fgm_l2() -> Attack:
 def _art_pgd(name: str, norm: Norm, steps: int, step_fraction: float | None, random_start: bool) -> Attack:
     from art.attacks.evasion import ProjectedGradientDescentPyTorch
 
-    fraction = _default_step_fraction(steps, step_fraction)
+    fraction = madry_step_fraction(steps, step_fraction)
     return ArtAttack(
         name, norm,
         lambda classifier, eps, batch: ProjectedGradientDescentPyTorch(

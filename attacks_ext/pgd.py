@@ -49,6 +49,16 @@ def ascent_direction(grad: torch.Tensor, norm: Norm) -> torch.Tensor:
     return grad / _per_example_l2(grad).clamp_min(1e-12)
 
 
+def madry_step_fraction(steps: int, step_fraction: float | None) -> float:
+    """Validated step size as a fraction of eps; by default Madry et al.'s 2.5 * eps / steps, which lets the
+    walk cross the ball and come back."""
+    if int(steps) != steps or steps < 1:
+        raise ValueError(f"steps must be a positive integer, got {steps!r}")
+    if step_fraction is not None and not step_fraction > 0:
+        raise ValueError(f"step_fraction must be > 0, got {step_fraction!r}")
+    return float(step_fraction) if step_fraction is not None else 2.5 / steps
+
+
 class ProjectedGradientDescent(Attack):
     """PGD on the cross-entropy of the true label; `steps` iterations of size `step_fraction * eps`.
 
@@ -61,13 +71,8 @@ class ProjectedGradientDescent(Attack):
     def __init__(self, name: str, norm: Norm, *, steps: int = 40, step_fraction: float | None = None,
                  random_start: bool = True):
         super().__init__(name, norm, uses_true_label=True)
-        if int(steps) != steps or steps < 1:
-            raise ValueError(f"steps must be a positive integer, got {steps!r}")
-        if step_fraction is not None and not step_fraction > 0:
-            raise ValueError(f"step_fraction must be > 0, got {step_fraction!r}")
+        self.step_fraction = madry_step_fraction(steps, step_fraction)
         self.steps = int(steps)
-        # Madry et al.'s rule: 2.5 * eps / steps lets the walk cross the ball and back.
-        self.step_fraction = float(step_fraction) if step_fraction is not None else 2.5 / self.steps
         self.random_start = bool(random_start)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
