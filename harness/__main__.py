@@ -35,6 +35,10 @@ def _parser() -> argparse.ArgumentParser:
             command.add_argument("--tolerance", type=float, default=1.0, help="allowed drift in percentage points")
     listing = sub.add_parser("list", help="list registered entries", description="list registered entries")
     listing.add_argument("what", choices=LISTS)
+    cost = sub.add_parser("attack-cost", help="render leaderboards/attack-cost.md from `tox -e bench`'s JSON",
+                          description="render leaderboards/attack-cost.md from pytest-benchmark's saved JSON")
+    cost.add_argument("json", nargs="?", type=Path, default=REPO_ROOT / ".benchmarks" / "attack-cost.json")
+    cost.add_argument("--out", type=Path, default=REPO_ROOT / "leaderboards", help="leaderboard folder")
     return parser
 
 
@@ -86,6 +90,16 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "list":
         return _list(args.what)
+    if args.command == "attack-cost":
+        from harness.attack_cost import render
+
+        try:
+            path = render(args.json, args.out, command="tox -e bench")
+        except (FileNotFoundError, ValueError) as error:
+            print(f"harness: error: {error}", file=sys.stderr)
+            return 2
+        print(f"harness: wrote {path}")
+        return 0
     from harness.spec import SpecError
 
     try:

@@ -1,0 +1,83 @@
+"""Attack cost: pytest-benchmark timings of every registered attack (`tox -e bench`).
+
+Fixed model (a naturally trained small CNN, seed 0) and fixed batches of the first 1, 16 and 256 mnist5k test
+digits. Each attack's benchmark carries its exact model-evaluation counts in `extra_info`; the `floor`
+group times one forward + backward (input gradient) of the same batch, so a k-gradient attack's floor is
+k x that. `python -m harness attack-cost` renders leaderboards/attack-cost.md from the saved JSON.
+"""
+import inspect
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from defenses.recipes import build_recipe
+from defenses.train import train
+from harness.counting import EvaluationCounter
+from harness.registry import ATTACKS
+from harness.threat import Norm
+
+BATCHES = (1, 16, 256)
+EPS = {Norm.LINF: 0.3, Norm.L2: 2.0}
+# The benchmarked budget of each attack family (the registry defaults, except the long AutoAttack budget).
+OPTIONS = {"ta-apgd-ce": {"steps": 50}, "ta-apgd-ce-l2": {"steps": 50}}
+
+
+def library(name: str) -> str:
+    return "torchattacks" if name.startswith("ta-") else "ART" if name.startswith("art-") else "ours"
+
+
+def family(name: str) -> str:
+    base = name.removeprefix("ta-").removeprefix("art-")
+    if base.startswith(("pgd", "apgd")):
+        return "pgd"
+    if base.startswith(("iter",)):
+        return "iterative"
+    if base in ("random-sign", "truncnorm-noise"):
+        return "noise"
+    return "one-step"
+
+
+@pytest.fixture(scope="module")
+def cost_model(mnist):
+    torch.manual_seed(0)
+    model, _ = train(build_recipe("natural", epochs=2), mnist, seed=0, progress=False)
+    return model
+
+
+def rounds_for(batch: int) -> int:
+    return 5 if batch < 256 else 3
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+def test_floor(benchmark, cost_model, mnist, batch):
+    """One forward + backward (input gradient) of the batch: the unit every gradient attack pays per step."""
+    x, y = mnist.x_test[:batch], mnist.y_test[:batch]
+    benchmark.group = f"floor batch={batch}"
+    benchmark.extra_info.update({"attack": "floor", "batch": batch, "library": "-", "family": "floor"})
+
+    def forward_backward():
+        xg = x.clone().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(cost_model(xg), y, reduction="sum"), xg)
+        return grad
+
+    benchmark.pedantic(forward_backward, rounds=20 if batch < 256 else 10, iterations=1, warmup_rounds=2)
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", list(ATTACKS))
+def test_attack_cost(benchmark, cost_model, mnist, name, batch):
+    factory = ATTACKS.get(name)
+    options = {k: v for k, v in OPTIONS.get(name, {}).items() if k in inspect.signature(factory).parameters}
+    attack = factory(**options)
+    x, y = mnist.x_test[:batch], mnist.y_test[:batch]
+    eps = EPS[attack.norm]
+    counter = EvaluationCounter(cost_model)
+    attack(counter, x, y, eps=eps, generator=torch.Generator().manual_seed(0))  # one counted call
+    benchmark.group = f"{family(name)} batch={batch}"
+    benchmark.extra_info.update({
+        "attack": name, "batch": batch, "library": library(name), "family": family(name), "eps": eps,
+        "options": options, "forward_evals": counter.forward_evals, "gradient_evals": counter.gradient_evals,
+    })
+    benchmark.pedantic(lambda: attack(cost_model, x, y, eps=eps, generator=torch.Generator().manual_seed(0)),
+                       rounds=rounds_for(batch), iterations=1, warmup_rounds=1)

@@ -1,0 +1,37 @@
+"""leaderboards/attack-cost.md is computed correctly from pytest-benchmark's JSON."""
+import json
+
+import pytest
+
+from harness.attack_cost import cost_table, load_benchmarks, render
+
+
+def bench(attack, batch, median, forward=None, gradient=None):
+    info = {"attack": attack, "batch": batch, "library": "ours", "family": "floor" if attack == "floor" else "pgd"}
+    if forward is not None:
+        info.update(forward_evals=forward, gradient_evals=gradient)
+    return {"stats": {"median": median}, "extra_info": info}
+
+
+def test_floor_ratio_and_rates(tmp_path):
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"machine_info": {"cpu": {"brand_raw": "Test CPU"}}, "benchmarks": [
+        bench("floor", 16, 0.010), bench("floor", 256, 0.100),
+        bench("pgd-linf", 16, 0.44, forward=16 * 40, gradient=16 * 40),
+        bench("pgd-linf", 256, 4.0, forward=256 * 40, gradient=256 * 40),
+    ]}))
+    frame, machine = load_benchmarks(path)
+    table = cost_table(frame)
+    row = table.iloc[0]
+    assert row["grad / example"] == 40 and row["fwd / example"] == 40
+    assert row["floor ratio (batch 16)"] == pytest.approx(0.44 / (40 * 0.010))
+    assert row["floor ratio (batch 256)"] == pytest.approx(4.0 / (40 * 0.100))
+    assert row["ms per 1k examples (batch 256)"] == pytest.approx(1e6 * 4.0 / 256)
+    markdown = render(path, tmp_path / "out", command="test").read_text()
+    assert "Test CPU" in markdown and "| pgd " in markdown and "1.10" in markdown
+
+
+def test_empty_json_is_a_clear_error(tmp_path):
+    (tmp_path / "b.json").write_text(json.dumps({"benchmarks": []}))
+    with pytest.raises(ValueError, match="run `tox -e bench` first"):
+        load_benchmarks(tmp_path / "b.json")
