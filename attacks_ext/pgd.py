@@ -75,14 +75,18 @@ class ProjectedGradientDescent(Attack):
         self.steps = int(steps)
         self.random_start = bool(random_start)
 
+    def gradient(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """The ascent direction's source: the cross-entropy gradient at x_adv (subclasses estimate it otherwise)."""
+        x_adv = x_adv.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
+        return grad
+
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
             generator: torch.Generator) -> torch.Tensor:
         step = self.step_fraction * eps
         x_adv = random_start(x, eps, self.norm, generator) if self.random_start else x.clone()
         for _ in range(self.steps):
-            x_adv.requires_grad_(True)
-            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
+            grad = self.gradient(model, x_adv, y, generator)
             x_adv = project(x_adv.detach() + step * ascent_direction(grad, self.norm), x, eps, self.norm)
         return x_adv
 

@@ -1,0 +1,55 @@
+"""The second-order (S-O) attack of Li et al., "On Norm-Agnostic Robustness of Adversarial Training".
+
+PGD whose step direction is the cross-entropy gradient averaged over Gaussian-perturbed points,
+    d_t = mean_j grad_x L(x_t + r_j),  r_j ~ N(0, sigma^2 I),
+then x_{t+1} = Proj(x_t + a * sign(d_t)) for Linf, or a * d_t / ||d_t||_2 for L2. It is a finite-difference,
+one-step power-iteration estimate of the top Hessian direction, for points where the first-order gradient
+vanishes (adversarially trained models). It is NOT torchattacks' PGDRS, which differentiates the loss of
+the noise-averaged softmax instead of averaging the loss gradients.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from attacks_ext.base import Attack
+from attacks_ext.pgd import ProjectedGradientDescent
+from harness.registry import ATTACKS
+from harness.threat import Norm
+
+
+class SecondOrderAttack(ProjectedGradientDescent):
+    """S-O: PGD on the mean of `draws` gradients taken at x_t + N(0, sigma^2 I). Shapes as PGD."""
+
+    def __init__(self, name: str, norm: Norm, *, steps: int = 40, step_fraction: float | None = None,
+                 random_start: bool = True, sigma: float = 0.1, draws: int = 4):
+        super().__init__(name, norm, steps=steps, step_fraction=step_fraction, random_start=random_start)
+        if not (isinstance(sigma, (int, float)) and sigma >= 0):
+            raise ValueError(f"sigma must be a number >= 0, got {sigma!r}")
+        if int(draws) != draws or draws < 1:
+            raise ValueError(f"draws must be a positive integer, got {draws!r}")
+        self.sigma, self.draws = float(sigma), int(draws)
+
+    def gradient(self, model, x_adv, y, generator):
+        # All draws go through the model as one batch of draws x N; noise comes from the caller's generator.
+        noise = torch.randn((self.draws,) + tuple(x_adv.shape), generator=generator).to(x_adv.device, x_adv.dtype)
+        points = (x_adv.detach().unsqueeze(0) + self.sigma * noise).flatten(0, 1).requires_grad_(True)
+        loss = F.cross_entropy(model(points), y.repeat(self.draws), reduction="sum")
+        (grad,) = torch.autograd.grad(loss, points)
+        return grad.view((self.draws,) + tuple(x_adv.shape)).mean(0)
+
+
+@ATTACKS.register("so-linf")
+def second_order_linf(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True,
+                      sigma: float = 0.1, draws: int = 4) -> Attack:
+    """Second-order (S-O) attack, Linf: PGD on gradients averaged over Gaussian draws (Li et al.)."""
+    return SecondOrderAttack("so-linf", Norm.LINF, steps=steps, step_fraction=step_fraction,
+                             random_start=random_start, sigma=sigma, draws=draws)
+
+
+@ATTACKS.register("so-l2")
+def second_order_l2(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True,
+                    sigma: float = 0.1, draws: int = 4) -> Attack:
+    """Second-order (S-O) attack, L2: PGD on gradients averaged over Gaussian draws (Li et al.)."""
+    return SecondOrderAttack("so-l2", Norm.L2, steps=steps, step_fraction=step_fraction,
+                             random_start=random_start, sigma=sigma, draws=draws)
