@@ -59,7 +59,7 @@ def _list(what: str) -> int:
     return 0
 
 
-def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> Path:
+def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]:
     from harness import report, spec as spec_module
     from harness.data import load_dataset
     from harness.matrix import resolve_device, run
@@ -81,9 +81,10 @@ def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> Path:
                 raise SystemExit(f"harness: {len(summary.failed)} cells failed; leaderboard not written. "
                                  "Finished cells are kept in the store; fix the cause and run again.")
         command = f"python -m harness run {shlex.quote(str(args.spec))}"
-        path = report.write(spec, store, data, out, command=command)
-    print(f"harness: wrote {path}")
-    return path
+        paths = report.write(spec, store, data, out, command=command)
+    for path in paths:
+        print(f"harness: wrote {path}")
+    return paths
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -109,21 +110,25 @@ def main(argv: list[str] | None = None) -> int:
         from harness import report
         from harness.spec import load
 
-        committed = args.out / f"{load(args.spec).name}.md"
-        if not committed.is_file():
-            print(f"harness check: no committed leaderboard at {committed}", file=sys.stderr)
-            return 1
         with tempfile.TemporaryDirectory(prefix="harness-check-") as scratch:
             scratch = Path(scratch)
             fresh = _run_and_render(args, args.home or scratch / "home", scratch / "leaderboards", compute=True)
-            problems = report.compare(committed.read_text(), fresh.read_text(), tolerance=args.tolerance)
+            problems = []
+            for path in fresh:
+                committed = args.out / path.name
+                if not committed.is_file():
+                    problems.append(f"{committed}: no committed board (run `python -m harness run {args.spec}`)")
+                    continue
+                problems += [f"{committed.name}: {p}" for p in
+                             report.compare(committed.read_text(), path.read_text(), tolerance=args.tolerance)]
         if problems:
-            print(f"harness check: {committed} drifted from the code ({len(problems)} differences beyond "
+            print(f"harness check: committed boards drifted from the code ({len(problems)} differences beyond "
                   f"{args.tolerance} points):", file=sys.stderr)
             for problem in problems:
                 print(f"  {problem}", file=sys.stderr)
             return 1
-        print(f"harness check: {committed} matches a from-scratch regeneration within {args.tolerance} points")
+        names = ", ".join(p.name for p in fresh)
+        print(f"harness check: {names} match a from-scratch regeneration within {args.tolerance} points")
         return 0
     except (SpecError, FileNotFoundError, ValueError, KeyError) as error:
         print(f"harness: error: {error}", file=sys.stderr)

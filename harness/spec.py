@@ -79,6 +79,7 @@ class BenchmarkSpec:
     defenses: tuple[DefenseSpec, ...]
     attacks: tuple[AttackSpec, ...]
     rank_by: tuple[Norm, float]
+    label_leak_pairs: tuple[tuple[str, str], ...] = ()  # (true-label column, label-free twin column)
 
     def eps_grid(self, norm: Norm) -> tuple[float, ...]:
         return dict(self.eps).get(norm, ())
@@ -196,6 +197,27 @@ def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ..
     return AttackSpec(label, attack_id, tuple(sorted(options.items())), norm, eps)
 
 
+def _load_label_leak(path, table: dict, attacks: tuple[AttackSpec, ...]) -> tuple[tuple[str, str], ...]:
+    """[label_leak] pairs = [["<true-label column>", "<label-free twin column>"], ...]"""
+    _check_keys(path, "label_leak", table, {"pairs"})
+    pairs = table.get("pairs", [])
+    by_label = {a.label: a for a in attacks}
+    out = []
+    for pair in pairs if isinstance(pairs, list) else [pairs]:
+        if not (isinstance(pair, list) and len(pair) == 2 and all(isinstance(p, str) for p in pair)):
+            _fail(path, "label_leak.pairs", f"each pair is [true-label column, label-free column], got {pair!r}")
+        for label in pair:
+            if label not in by_label:
+                _fail(path, "label_leak.pairs", f"{label!r} is not an [attacks] column; columns: {', '.join(by_label)}")
+        true_label, free = (by_label[p] for p in pair)
+        if not true_label.build().uses_true_label or free.build().uses_true_label:
+            _fail(path, "label_leak.pairs", f"{pair!r}: the first attack must read the true label and the second must not")
+        if true_label.norm is not free.norm or true_label.eps != free.eps:
+            _fail(path, "label_leak.pairs", f"{pair!r}: the twins need the same norm and eps grid")
+        out.append((pair[0], pair[1]))
+    return tuple(out)
+
+
 def load(path: str | Path) -> BenchmarkSpec:
     """Parse and validate a benchmark TOML file."""
     path = Path(path)
@@ -205,7 +227,8 @@ def load(path: str | Path) -> BenchmarkSpec:
         raise SpecError(f"{path}: no such benchmark file") from None
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: not valid TOML: {error}") from None
-    _check_keys(path, "top level", raw, {"benchmark", "eps", "defenses", "attacks"}, required={"benchmark", "eps", "defenses", "attacks"})
+    _check_keys(path, "top level", raw, {"benchmark", "eps", "defenses", "attacks", "label_leak"},
+                required={"benchmark", "eps", "defenses", "attacks"})
     bench = raw["benchmark"]
     _check_keys(path, "benchmark", bench, BENCHMARK_KEYS, required={"dataset"})
     dataset = bench["dataset"]
@@ -251,7 +274,10 @@ def load(path: str | Path) -> BenchmarkSpec:
     if rank_eps is None:
         rank_eps = max(grid[rank_norm])
 
+    label_leak_pairs = _load_label_leak(path, raw.get("label_leak", {}), attacks)
+
     return BenchmarkSpec(
+        label_leak_pairs=label_leak_pairs,
         name=bench.get("name", path.stem), path=path, dataset=dataset,
         dataset_options=tuple(sorted(dataset_options.items())), seed=seed,
         eval_examples=_positive_int(path, "benchmark.eval_examples", bench.get("eval_examples", 1000)),
