@@ -40,6 +40,7 @@ class Leaderboard:
     curves: dict[str, dict[Norm, list[tuple[float, float]]]]  # defense -> norm -> (eps, worst-case accuracy)
     costs: pd.DataFrame  # one row per defense: training and evaluation cost
     trainings: dict[str, dict]  # defense -> training log (per-epoch metrics, cost, guard events)
+    outcomes: dict[tuple[str, str, float], CellRecord | None]  # (defense, column, eps) -> stored cell
     missing: list[str]
     commits: list[str]
     versions: dict
@@ -102,7 +103,8 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     all_records = list(records.values())
     commits = sorted({r.git_commit for r in all_records})
     versions = all_records[0].versions if all_records else library_versions()
-    return Leaderboard(spec, summary, details, curves, costs, trainings, missing, commits, versions)
+    outcomes = {(c.defense, c.label, c.eps): records.get(c.key) for c in cells}
+    return Leaderboard(spec, summary, details, curves, costs, trainings, outcomes, missing, commits, versions)
 
 
 def _markdown(frame: pd.DataFrame, digits: int = 1) -> str:
@@ -257,11 +259,9 @@ def _guard_note(training: dict) -> str:
             f"{100 * guard['best_pgd_accuracy']:.0f}% at epoch {guard['best_epoch']} ({guard['action']})")
 
 
-def label_leak_frame(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> pd.DataFrame:
+def label_leak_frame(board: Leaderboard) -> pd.DataFrame:
     """One row per (defense, twin pair, eps): Kurakin's leaked-label count from the stored vectors."""
-    cells = plan(spec, data)
-    records = store.cells([cell.key for cell in cells])
-    found = {(c.defense, c.label, c.eps): records.get(c.key) for c in cells}
+    spec, found = board.spec, board.outcomes
     attacks = {a.label: a for a in spec.attacks}
     rows = []
     for defense in spec.defenses:
@@ -351,7 +351,7 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
                                     training_figure=training_figure.as_posix() if any(log.get("epochs") for log in board.trainings.values()) else None))
     paths = [path]
     if spec.label_leak_pairs:
-        frame = label_leak_frame(spec, store, data)
+        frame = label_leak_frame(board)
         leak_figure = Path("figures") / f"{spec.name}-label-leaking.png"
         render_label_leak_figure(spec, frame, out_dir / leak_figure)
         leak_path = out_dir / ("label-leaking.md" if spec.name == "mnist-quick" else f"{spec.name}-label-leaking.md")
