@@ -21,8 +21,9 @@ from harness.threat import Norm
 class TorchattacksAttack(Attack):
     """A torchattacks attack; `build(model, eps, seed)` returns a fresh torchattacks object per call."""
 
-    def __init__(self, name: str, norm: Norm, build: Callable[[nn.Module, float, int], object]):
-        super().__init__(name, norm, uses_true_label=True)
+    def __init__(self, name: str, norm: Norm, build: Callable[[nn.Module, float, int], object], *,
+                 family: str = "iterative"):
+        super().__init__(name, norm, uses_true_label=True, family=family)
         self._build = build
 
     def run(self, model, x, y, *, eps, generator):
@@ -37,8 +38,9 @@ class TorchattacksAttack(Attack):
 class ArtAttack(Attack):
     """An ART evasion attack on a PyTorchClassifier built around the model for this call."""
 
-    def __init__(self, name: str, norm: Norm, build: Callable[[object, float, int], object]):
-        super().__init__(name, norm, uses_true_label=True)
+    def __init__(self, name: str, norm: Norm, build: Callable[[object, float, int], object], *,
+                 family: str = "iterative"):
+        super().__init__(name, norm, uses_true_label=True, family=family)
         self._build = build
 
     def run(self, model, x, y, *, eps, generator):
@@ -69,7 +71,8 @@ def torchattacks_fgsm() -> Attack:
     """torchattacks FGSM (Goodfellow et al. 2015), Linf."""
     import torchattacks
 
-    return TorchattacksAttack("ta-fgsm", Norm.LINF, lambda model, eps, seed: torchattacks.FGSM(model, eps=eps))
+    return TorchattacksAttack("ta-fgsm", Norm.LINF, lambda model, eps, seed: torchattacks.FGSM(model, eps=eps),
+                              family="one-step")
 
 
 def _torchattacks_pgd(name: str, norm: Norm, steps: int, step_fraction: float | None, random_start: bool) -> Attack:
@@ -115,6 +118,35 @@ def torchattacks_apgd_ce(*, steps: int = 100, restarts: int = 1) -> Attack:
     return _torchattacks_apgd("ta-apgd-ce", Norm.LINF, steps, restarts)
 
 
+def _torchattacks_square(name: str, norm: Norm, queries: int, p_init: float) -> Attack:
+    import torchattacks
+
+    if int(queries) != queries or queries < 1:
+        raise ValueError(f"queries must be a positive integer, got {queries!r}")
+    if not 0 < p_init <= 1:
+        raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
+    return TorchattacksAttack(
+        name, norm,
+        lambda model, eps, seed: torchattacks.Square(
+            model, norm="Linf" if norm is Norm.LINF else "L2", eps=eps, n_queries=int(queries), n_restarts=1,
+            p_init=p_init, loss="margin", seed=seed,
+        ),
+        family="gradient-free",
+    )
+
+
+@ATTACKS.register("ta-square")
+def torchattacks_square(*, queries: int = 1000, p_init: float = 0.8) -> Attack:
+    """torchattacks Square, Linf (Andriushchenko et al. 2020): random search on the margin, no gradients."""
+    return _torchattacks_square("ta-square", Norm.LINF, queries, p_init)
+
+
+@ATTACKS.register("ta-square-l2")
+def torchattacks_square_l2(*, queries: int = 1000, p_init: float = 0.8) -> Attack:
+    """torchattacks Square, L2 (Andriushchenko et al. 2020): random search on the margin, no gradients."""
+    return _torchattacks_square("ta-square-l2", Norm.L2, queries, p_init)
+
+
 @ATTACKS.register("ta-apgd-ce-l2")
 def torchattacks_apgd_ce_l2(*, steps: int = 100, restarts: int = 1) -> Attack:
     """torchattacks APGD on cross-entropy, L2 (Croce & Hein 2020)."""
@@ -131,6 +163,7 @@ def _art_fgm(name: str, norm: Norm) -> Attack:
         lambda classifier, eps, batch: FastGradientMethod(
             classifier, norm=ART_NORMS[norm], eps=eps, eps_step=eps, batch_size=batch
         ),
+        family="one-step",
     )
 
 

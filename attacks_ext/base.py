@@ -46,18 +46,27 @@ def check_eps(eps, norm: Norm) -> float | torch.Tensor:
     return value
 
 
+FAMILIES = ("one-step", "iterative", "gradient-free", "noise")
+
+
 class Attack(abc.ABC):
     """Base class of every attack; see the module docstring for the contract."""
 
     norm: Norm
     uses_true_label: bool = True
     uses_gradients: bool = True  # False for noise baselines; gradient-free attacks set it too
+    family: str = "iterative"  # one of FAMILIES; the sanity checks compare families against each other
     per_example_eps: bool = False  # True where `run` accepts eps as an (N, 1, ..., 1) tensor
 
-    def __init__(self, name: str, norm: Norm | str, *, uses_true_label: bool = True):
+    def __init__(self, name: str, norm: Norm | str, *, uses_true_label: bool = True, family: str | None = None):
         self.name = name
         self.norm = Norm.parse(norm)
         self.uses_true_label = uses_true_label
+        if family is not None:
+            if family not in FAMILIES:
+                raise ValueError(f"attack family {family!r} unknown; allowed: {', '.join(FAMILIES)}")
+            self.family = family
+            self.uses_gradients = family in ("one-step", "iterative")
 
     def __repr__(self) -> str:
         return f"{type(self).__name__}(name={self.name!r}, norm={self.norm.value})"

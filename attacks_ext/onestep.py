@@ -78,9 +78,8 @@ class OneStepAttack(Attack):
 
     def __init__(self, name: str, norm: Norm, *, target: str | None, scaling: str = "sign", descend: bool = False,
                  uses_true_label: bool):
-        super().__init__(name, norm, uses_true_label=uses_true_label)
+        super().__init__(name, norm, uses_true_label=uses_true_label, family="noise" if target is None else "one-step")
         self.target, self.scaling, self.descend = target, scaling, descend
-        self.uses_gradients = target is not None
 
     def run(self, model, x, y, *, eps, generator):
         if self.target is None:

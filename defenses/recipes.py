@@ -41,6 +41,7 @@ class Recipe:
     width: float = 1.0
     activation: str = "relu"
     activation_beta: float = 0.01  # ReluDecay_beta
+    input_levels: int = 0  # >= 2: round inputs to this many levels with a zero gradient (a masking baseline)
     # optimisation
     epochs: int = 10
     batch_size: int = 50
@@ -90,6 +91,9 @@ class Recipe:
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 1:
                 self._fail(f"{key} must be a positive integer, got {value!r}")
+        if self.input_levels != 0 and (not isinstance(self.input_levels, int) or isinstance(self.input_levels, bool)
+                                       or self.input_levels < 2):
+            self._fail(f"input_levels must be 0 (off) or an integer >= 2, got {self.input_levels!r}")
         for key in ("eps_ramp_epochs", "delay_steps"):
             value = getattr(self, key)
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
@@ -146,7 +150,8 @@ class Recipe:
 
     def summary(self) -> str:
         """One line for the leaderboard: what this row was trained with."""
-        parts = [f"{self.model} x{self.width:g}" + ("" if self.activation == "relu" else f" {self.activation}"),
+        parts = [f"{self.model} x{self.width:g}" + ("" if self.activation == "relu" else f" {self.activation}")
+                 + (f", inputs rounded to {self.input_levels} levels (zero gradient)" if self.input_levels else ""),
                  f"{self.epochs} ep"]
         if self.loss == "trades":
             parts.append(f"TRADES beta {self.trades_beta:g}, {self.trades_steps} steps, eps {self.eps:g}")

@@ -33,6 +33,8 @@ from harness.threat import Norm
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # Source that decides what a recipe trains into; editing any of it invalidates the cached checkpoints.
 TRAINING_CODE = ("defenses", "attacks_ext", "harness/models.py", "harness/data.py", "harness/counting.py")
+# Modules there that only score stored results or measure finished models; they never shape a trained one.
+NOT_TRAINING_CODE = ("attacks_ext/checks.py", "attacks_ext/label_leak.py")
 
 
 def training_code_version() -> str:
@@ -41,6 +43,8 @@ def training_code_version() -> str:
         path = REPO_ROOT / entry
         files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
         for file in files:
+            if file.relative_to(REPO_ROOT).as_posix() in NOT_TRAINING_CODE:
+                continue
             digest.update(str(file.relative_to(REPO_ROOT)).encode())
             digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
@@ -133,7 +137,7 @@ def trades_adversary(model: nn.Module, x: torch.Tensor, *, eps: float, steps: in
 def build_recipe_model(recipe: Recipe, data: Dataset) -> nn.Module:
     """The untrained model a recipe names, shaped for `data`."""
     return build_model(recipe.model, num_classes=data.num_classes, in_channels=data.input_shape[0], width=recipe.width,
-                       activation=recipe.activation, activation_beta=recipe.activation_beta)
+                       activation=recipe.activation, activation_beta=recipe.activation_beta, input_levels=recipe.input_levels)
 
 
 def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | str = "cpu", progress: bool = True,
@@ -183,6 +187,7 @@ def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | st
             x, y = x_all[index].to(device), y_all[index].to(device)
             m, k = len(y), 0
             x_in = x
+            optimizer.zero_grad(set_to_none=True)  # before crafting: the attack then has no parameter grads to save
             if adversaries and step >= recipe.delay_steps and eps > 0:
                 k = int(round(recipe.adversarial_fraction * m))
                 if k:
@@ -204,12 +209,13 @@ def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | st
                 x_adv = trades_adversary(counted, x, eps=eps, steps=recipe.trades_steps, generator=draws)
                 adversarial_logits, adversarial_labels = counted(x_adv), y
                 loss = loss + recipe.trades_beta * trades_kl(logits, adversarial_logits)
-            optimizer.zero_grad(set_to_none=True)
             loss.backward()
             optimizer.step()
             step += 1
-            with torch.no_grad():  # bookkeeping: the raw model, so it is not counted as training cost
+            with torch.no_grad():  # bookkeeping: the raw model, not counted as training cost; eval mode, so
+                model.eval()       # batch-norm running statistics never see this extra clean pass
                 predictions = model(x).argmax(1) if x_in is not x else logits.argmax(1)
+                model.train()
                 totals["clean"] += float((predictions == y).sum())
                 totals["adversarial"] += float((adversarial_logits.argmax(1) == adversarial_labels).sum())
                 totals["adversarial_seen"] += len(adversarial_labels)

@@ -14,7 +14,7 @@ import subprocess
 import sys
 import time
 import traceback
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
@@ -22,10 +22,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from attacks_ext.checks import PROBES, ProbeRequest
 from defenses.train import Checkpoint, checkpoint_key, file_sha256, load_checkpoint_model, obtain_checkpoint
 from harness.counting import EvaluationCounter
 from harness.data import Dataset, load_dataset
 from harness.models import load_external
+from harness.registry import ATTACKS
 from harness.spec import AttackSpec, BenchmarkSpec, DefenseSpec
 from harness.store import CellRecord, ResultStore
 from harness.threat import verify
@@ -134,17 +136,24 @@ def describe_defense(defense: DefenseSpec) -> dict:
 
 @dataclass(frozen=True)
 class Cell:
-    """One unit of work: a defense's model under one attack at one eps (or the clean evaluation)."""
+    """One unit of work: a defense's model under one attack at one eps, the clean evaluation, or a sanity
+    check's probe (a measurement of the model), on the first `examples` evaluation images."""
 
     key: str
     defense: str
     defense_key: str
-    attack: AttackSpec | None  # None: the clean evaluation
+    attack: AttackSpec | None  # None: the clean evaluation or a probe
     eps: float
     seed: int
+    examples: int
+    probe: ProbeRequest | None = None
+    check: str | None = None  # the sanity check that asked for this cell; None: a cell of the matrix itself
+    request: str | None = None  # the check's name for it
 
     @property
     def label(self) -> str:
+        if self.check is not None:
+            return f"{self.check}: {self.request}"
         return CLEAN if self.attack is None else self.attack.label
 
     @property
@@ -155,21 +164,49 @@ class Cell:
         return f"{self.defense} / {self.label}" + ("" if self.attack is None else f" / {self.norm} eps={self.eps:g}")
 
 
+def _cell(spec: BenchmarkSpec, data: Dataset, defense: str, model_key: str, attack: AttackSpec | None, eps: float, *,
+          examples: int | None = None, restart: int = 0, probe: ProbeRequest | None = None, check: str | None = None,
+          request: str | None = None) -> Cell:
+    """A cell keyed by everything that decides its outcome (and nothing that does not: the check that asked
+    for it is not part of its identity, so identical requests share one cell)."""
+    examples = spec.eval_examples if examples is None else examples
+    identity = {
+        "data": [data.name, data.fingerprint, spec.eval_examples, spec.batch_size], "model": model_key,
+        "attack": None if attack is None else [attack.attack_id, [list(o) for o in attack.options], attack.norm.value],
+        "eps": eps, "seed": spec.seed,
+    }
+    if examples != spec.eval_examples:
+        identity["examples"] = examples
+    if restart:
+        identity["restart"] = restart
+    if probe is not None:
+        identity["probe"] = [probe.probe_id, [list(o) for o in probe.options]]
+    key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
+    return Cell(key, defense, model_key, attack, eps, int(key[:8], 16), examples, probe, check, request)
+
+
 def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
-    """Every cell of the matrix, keyed by everything that decides its outcome."""
+    """Every cell of the matrix, then every cell its sanity checks ask for. Two checks asking for the same
+    evidence get cells with the same key; `run` computes each key once."""
     cells = []
     keys = defense_keys(spec, data)
+    context = spec.check_context()
+    checks = [(check_spec.check_id, check_spec.build()) for check_spec in spec.checks]
     for defense in spec.defenses:
         model_key = keys[defense.name]
         points = [(None, 0.0)] + [(attack, eps) for attack in spec.attacks for eps in attack.eps]
         for attack, eps in points:
-            identity = {
-                "data": [data.name, data.fingerprint, spec.eval_examples, spec.batch_size], "model": model_key,
-                "attack": None if attack is None else [attack.attack_id, [list(o) for o in attack.options], attack.norm.value],
-                "eps": eps, "seed": spec.seed,
-            }
-            key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
-            cells.append(Cell(key, defense.name, model_key, attack, eps, seed=int(key[:8], 16)))
+            cells.append(_cell(spec, data, defense.name, model_key, attack, eps))
+        for check_id, check in checks:
+            for request in check.requests(context):
+                common = dict(examples=request.examples, check=check_id, request=request.name)
+                if isinstance(request, ProbeRequest):
+                    cells.append(_cell(spec, data, defense.name, model_key, None, 0.0, probe=request, **common))
+                    continue
+                attack_spec = AttackSpec(f"{check_id}: {request.name}", request.attack_id, tuple(sorted(request.options)),
+                                         ATTACKS.get(request.attack_id)(**dict(request.options)).norm, (request.eps,))
+                cells.append(_cell(spec, data, defense.name, model_key, attack_spec, request.eps,
+                                   restart=request.restart, **common))
     return cells
 
 
@@ -180,11 +217,29 @@ class CellOutcome:
     seconds: float
     forward_evals: int
     gradient_evals: int
+    measurements: dict = field(default_factory=dict)  # a probe's named arrays
+
+
+def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+                   device: torch.device) -> CellOutcome:
+    """Measure `model` on (x, y) in one batch with the probe the cell names (a sanity check's evidence)."""
+    counter = EvaluationCounter(model)
+    generator = torch.Generator().manual_seed(cell.seed)
+    x, y = x.to(device), y.to(device)
+    with torch.no_grad():
+        correct = (model(x).argmax(1) == y).cpu().numpy()
+    start = time.perf_counter()
+    arrays = PROBES[cell.probe.probe_id](counter, x, y, generator=generator, **dict(cell.probe.options))
+    seconds = time.perf_counter() - start
+    return CellOutcome(correct, correct, seconds, counter.forward_evals, counter.gradient_evals,
+                       {name: np.asarray(value) for name, value in arrays.items()})
 
 
 def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
                   device: torch.device) -> CellOutcome:
     """Attack `model` on (x, y) batch by batch; every adversarial batch must pass the threat model."""
+    if cell.probe is not None:
+        return evaluate_probe(cell, model, x, y, device=device)
     attack = None if cell.attack is None else cell.attack.build()
     counter = EvaluationCounter(model)
     generator = torch.Generator().manual_seed(cell.seed)
@@ -224,8 +279,8 @@ class CellRunner:
     def __call__(self, cell: Cell) -> CellOutcome:
         if cell.defense_key not in self._models:
             self._models[cell.defense_key] = self.defenses[cell.defense].load_model(self.data, self.device)
-        return evaluate_cell(cell, self._models[cell.defense_key], self.x, self.y, batch_size=self.batch_size,
-                             device=self.device)
+        return evaluate_cell(cell, self._models[cell.defense_key], self.x[: cell.examples], self.y[: cell.examples],
+                             batch_size=self.batch_size, device=self.device)
 
 
 class SequentialExecutor:
@@ -264,7 +319,10 @@ def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: tor
     if spec.eval_examples > len(data.x_test):
         raise ValueError(f"{spec.path}: [benchmark.eval_examples] {spec.eval_examples} exceeds the "
                          f"{len(data.x_test)} test examples of {data.name}")
-    cells = plan(spec, data)
+    unique: dict[str, Cell] = {}
+    for cell in plan(spec, data):
+        unique.setdefault(cell.key, cell)  # checks asking for the same evidence share one cell
+    cells = list(unique.values())
     todo = [cell for cell in cells if not store.has(cell.key)]
     summary = RunSummary(planned=len(cells), computed=0, skipped=len(cells) - len(todo), failed=[])
     if not todo:
@@ -295,14 +353,17 @@ def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: tor
             summary.failed.append((cell.describe(), f"{type(result).__name__}: {result}"))
             print(f"\nharness: cell {cell.describe()} FAILED: {type(result).__name__}: {result}", file=sys.stderr)
             continue
-        attack = cell.attack
+        attack, probe = cell.attack, cell.probe
+        attack_id = (f"probe:{probe.probe_id}" if probe is not None else CLEAN) if attack is None else attack.attack_id
+        options = dict(probe.options) if probe is not None else {} if attack is None else dict(attack.options)
         store.write_cell(CellRecord(
             key=cell.key, benchmark=spec.name, defense=cell.defense, defense_key=cell.defense_key, attack=cell.label,
-            attack_id=CLEAN if attack is None else attack.attack_id, options={} if attack is None else dict(attack.options),
+            attack_id=attack_id, options=options,
             norm=cell.norm, eps=cell.eps, clean_correct=result.clean_correct, adv_correct=result.adv_correct,
             seconds=result.seconds, forward_evals=result.forward_evals, gradient_evals=result.gradient_evals,
             seed=cell.seed, versions=versions, git_commit=commit, device=str(device),
             finished_at=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            measurements=result.measurements,
         ))
         summary.computed += 1
     bar.close()

@@ -143,10 +143,27 @@ def cifar_resnet20(*, num_classes: int = 10, in_channels: int = 3, width: float 
                        activation=activation, activation_beta=activation_beta)
 
 
+class InputQuantization(nn.Module):
+    """Rounds every input to `levels` evenly spaced values in [0, 1] before `model` (bit-depth reduction,
+    Xu et al. 2018), with the true derivative of rounding: zero. Its robustness under gradient attacks is
+    gradient masking by construction; the sanity checks exist to say so."""
+
+    def __init__(self, model: nn.Module, levels: int):
+        super().__init__()
+        if not isinstance(levels, int) or isinstance(levels, bool) or levels < 2:
+            raise ValueError(f"input quantization needs an integer number of levels >= 2, got {levels!r}")
+        self.model, self.levels = model, levels
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.model(torch.round(x * (self.levels - 1)) / (self.levels - 1))
+
+
 def build_model(name: str, *, num_classes: int, in_channels: int, width: float = 1.0, activation: str = "relu",
-                activation_beta: float = 0.01) -> nn.Module:
-    return MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, width=width, activation=activation,
-                            activation_beta=activation_beta)
+                activation_beta: float = 0.01, input_levels: int = 0) -> nn.Module:
+    """The registered model `name`; `input_levels` >= 2 wraps it in InputQuantization (0: no quantization)."""
+    model = MODELS.get(name)(num_classes=num_classes, in_channels=in_channels, width=width, activation=activation,
+                             activation_beta=activation_beta)
+    return InputQuantization(model, input_levels) if input_levels else model
 
 
 def load_external(factory: str, weights, options: dict | None = None) -> nn.Module:

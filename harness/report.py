@@ -18,6 +18,7 @@ import pandas as pd
 from harness.data import Dataset
 from harness.matrix import CLEAN, Cell, code_commit, library_versions, plan
 from harness.spec import BenchmarkSpec
+from attacks_ext.checks import Column, Evidence, Status, Verdict
 from attacks_ext.label_leak import score_label_leak
 from harness.store import CellRecord, ResultStore
 from harness.threat import Norm
@@ -44,15 +45,54 @@ class Leaderboard:
     missing: list[str]
     commits: list[str]
     versions: dict
+    evidence: dict[str, dict[str, Evidence]]  # check id -> defense -> what that check reads
+    verdicts: dict[str, dict[str, Verdict]]  # defense -> check id -> verdict
+
+
+def sanity_file(spec: BenchmarkSpec) -> str:
+    return "sanity.md" if spec.name == "mnist-quick" else f"{spec.name}-sanity.md"
+
+
+def defense_anchor(name: str) -> str:
+    """The GitHub anchor of the '## Defense: <name>' heading in the sanity board."""
+    return "defense-" + re.sub(r"[^a-z0-9 _-]", "", f"{name}".lower()).replace(" ", "-")
+
+
+def gather_evidence(spec: BenchmarkSpec, cells: list[Cell], records: dict[str, CellRecord]) -> dict[str, dict[str, Evidence]]:
+    """Per check and defense: the matrix's cells of that defense and the cells the check asked for."""
+    context = spec.check_context()
+    columns = {a.label: Column(a.label, a.norm, a.build().family, a.eps) for a in spec.attacks}
+    matrix: dict[str, dict] = {}
+    requested: dict[tuple[str, str], dict] = {}
+    for cell in cells:
+        if cell.check is None:
+            matrix.setdefault(cell.defense, {})[(cell.label, cell.eps)] = records.get(cell.key)
+        else:
+            requested.setdefault((cell.check, cell.defense), {})[cell.request] = records.get(cell.key)
+    return {check.check_id: {d.name: Evidence(d.name, context, columns, matrix.get(d.name, {}),
+                                              requested.get((check.check_id, d.name), {}))
+                             for d in spec.defenses}
+            for check in spec.checks}
+
+
+def overall(verdicts: dict[str, Verdict]) -> Status | None:
+    """The worst verdict of a defense's checks; None while any is missing."""
+    statuses = [v.status for v in verdicts.values()]
+    return None if not statuses or any(s is None for s in statuses) else max(statuses)
 
 
 def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard:
-    cells = plan(spec, data)
-    records = store.cells([cell.key for cell in cells])
+    all_cells = plan(spec, data)
+    records = store.cells(list(dict.fromkeys(cell.key for cell in all_cells)))
+    cells = [cell for cell in all_cells if cell.check is None]  # the board's columns; checks report separately
     by_defense: dict[str, list[tuple[Cell, CellRecord | None]]] = {}
     for cell in cells:
         by_defense.setdefault(cell.defense, []).append((cell, records.get(cell.key)))
-    missing = [cell.describe() for cell in cells if cell.key not in records]
+    missing = list(dict.fromkeys(cell.describe() for cell in all_cells if cell.key not in records))
+    evidence = gather_evidence(spec, all_cells, records)
+    checks = {check.check_id: check.build() for check in spec.checks}
+    verdicts = {d.name: {check_id: checks[check_id].evaluate(evidence[check_id][d.name]) for check_id in checks}
+                for d in spec.defenses}
 
     summary_rows, detail_rows, costs_rows, curves = [], {norm: [] for norm, _ in spec.eps}, [], {}
     trainings: dict[str, dict] = {}
@@ -62,9 +102,13 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
         clean = clean_record.clean_correct if clean_record is not None else None
         training = (store.defense(pairs[0][0].defense_key) or {}).get("training", {})
         training_evals = sum(training.get(k, 0) for k in ("forward_passes", "backward_passes", "source_passes"))
-        summary = {"Defense": defense.name, "Source": defense.kind,
-                   "Training evals (k)": training_evals / 1e3 if defense.recipe is not None and training else None,
-                   "Clean": None if clean is None else 100 * clean.mean()}
+        summary = {"Defense": defense.name, "Source": defense.kind}
+        if spec.checks:
+            status = overall(verdicts[defense.name])
+            summary["Sanity"] = (MISSING if status is None else
+                                 f"[{status.label}]({sanity_file(spec)}#{defense_anchor(defense.name)})")
+        summary.update({"Training evals (k)": training_evals / 1e3 if defense.recipe is not None and training else None,
+                        "Clean": None if clean is None else 100 * clean.mean()})
         details = {norm: {"Defense": defense.name, "Clean": summary["Clean"]} for norm in detail_rows}
         curves[defense.name] = {}
         for norm, grid in spec.eps:
@@ -83,6 +127,8 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
         for norm in detail_rows:
             detail_rows[norm].append(details[norm])
         present = [r for _, r in pairs if r is not None]
+        checked = {c.key: records[c.key] for c in all_cells if c.defense == defense.name and c.check is not None
+                   and c.key in records}.values()
         trainings[defense.name] = training
         costs_rows.append({
             "Defense": defense.name,
@@ -92,11 +138,16 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
             "Eval s": sum(r.seconds for r in present),
             "Eval fwd": sum(r.forward_evals for r in present),
             "Eval grad": sum(r.gradient_evals for r in present),
+            **({"Sanity s": sum(r.seconds for r in checked), "Sanity fwd": sum(r.forward_evals for r in checked),
+                "Sanity grad": sum(r.gradient_evals for r in checked)} if spec.checks else {}),
         })
 
     summary = pd.DataFrame(summary_rows)
     rank_column = f"Worst {_column(*spec.rank_by)}"
-    order = summary.sort_values([rank_column, "Clean"], ascending=False, na_position="last", kind="stable").index
+    # A defense whose sanity verdict is fail ranks below every other, whatever its numbers say.
+    summary["_passes"] = [overall(verdicts[d.name]) is not Status.FAIL for d in spec.defenses]
+    order = summary.sort_values(["_passes", rank_column, "Clean"], ascending=False, na_position="last", kind="stable").index
+    summary = summary.drop(columns="_passes")
     summary = summary.loc[order].reset_index(drop=True)
     details = {norm: pd.DataFrame(rows).loc[order].reset_index(drop=True) for norm, rows in detail_rows.items()}
     costs = pd.DataFrame(costs_rows).loc[order].reset_index(drop=True)
@@ -104,7 +155,8 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     commits = sorted({r.git_commit for r in all_records})
     versions = all_records[0].versions if all_records else library_versions()
     outcomes = {(c.defense, c.label, c.eps): records.get(c.key) for c in cells}
-    return Leaderboard(spec, summary, details, curves, costs, trainings, outcomes, missing, commits, versions)
+    return Leaderboard(spec, summary, details, curves, costs, trainings, outcomes, missing, commits, versions,
+                       evidence, verdicts)
 
 
 def _markdown(frame: pd.DataFrame, digits: int = 1) -> str:
@@ -216,6 +268,10 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
         "thousands of model evaluations (examples sent forward plus examples back-propagated, adversary included).",
         "",
     ]
+    if spec.checks:
+        lines += [f"**Sanity** is the worst verdict of {len(spec.checks)} checks that tell robustness from gradient "
+                  f"masking (pass / warn / fail; the link leads to its figures and reasons in `{sanity_file(spec)}`). "
+                  "A defense that fails ranks below every other, whatever its accuracies.", ""]
     if board.missing:
         lines += [f"**Incomplete:** {len(board.missing)} cells are not in the store ({MISSING} below); "
                   f"run `python -m harness run {spec.path}`.", ""]
@@ -248,6 +304,54 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
               _markdown(costs, digits=1), "",
               f"Whole evaluation: {total_fwd:,} forward and {total_grad:,} gradient evaluations.", "",
               f"Libraries: {versions}.", ""]
+    return "\n".join(lines)
+
+
+def render_sanity(board: Leaderboard, out_dir: Path, *, command: str) -> str:
+    """The sanity board: a verdict matrix, each defense's verdicts with their figures and reasons, and per
+    check its detail table and plot. Writes the plots under `out_dir/figures`; returns the markdown."""
+    spec = board.spec
+    checks = {c.check_id: c.build() for c in spec.checks}
+    names = [d.name for d in spec.defenses]
+    order = list(board.summary["Defense"])
+
+    def status_text(verdict: Verdict) -> str:
+        return MISSING if verdict.status is None else verdict.status.label
+
+    lines = [
+        f"# Sanity checks: {spec.name}",
+        "",
+        f"Generated by `{command}` from the results store; code commit `{', '.join(board.commits) or code_commit()}`; "
+        f"{datetime.date.today().isoformat()}. Never edit by hand.",
+        "",
+        "Each check is a pure function of stored per-example results (the matrix's cells plus the extra cells and "
+        "probes it asks for, computed by the same runner) that returns **pass**, **warn** or **fail**, the figure that "
+        "decided it and a short reason. A defense's verdict on the leaderboard is the worst of its checks; a defense "
+        "that fails ranks below every other. Thresholds are options of each check in the benchmark TOML.",
+        "",
+        "## Verdicts",
+        "",
+    ]
+    matrix = pd.DataFrame([{"Defense": name, "Verdict": MISSING if overall(board.verdicts[name]) is None
+                            else overall(board.verdicts[name]).label,
+                            **{check_id: status_text(board.verdicts[name][check_id]) for check_id in checks}}
+                           for name in order])
+    lines += [_markdown(matrix), ""]
+    for name in order:
+        rows = pd.DataFrame([{"Check": check_id, "Verdict": status_text(v), "Figure": v.figure or MISSING,
+                              "Reason": v.reason} for check_id, v in board.verdicts[name].items()])
+        lines += [f"## Defense: {name}", "", _markdown(rows), ""]
+    for check_id, check in checks.items():
+        doc = " ".join((type(check).__doc__ or "").split())
+        lines += [f"## Check: {check.title} (`{check_id}`)", "", doc, ""]
+        options = ", ".join(f"{k}={v}" for k, v in next(c for c in spec.checks if c.check_id == check_id).options)
+        lines += [f"Options: {options or 'defaults'}.", ""]
+        details = pd.DataFrame([{"Defense": name, "Verdict": status_text(board.verdicts[name][check_id]),
+                                 **board.verdicts[name][check_id].details} for name in order])
+        lines += [_markdown(details, digits=1), ""]
+        figure = Path("figures") / f"{spec.name}-sanity-{check_id}.png"
+        if check.plot({name: board.evidence[check_id][name] for name in names}, out_dir / figure):
+            lines += [f"![{check.title}]({figure.as_posix()})", ""]
     return "\n".join(lines)
 
 
@@ -350,6 +454,10 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
     path.write_text(render_markdown(board, command=command, figure=figure.as_posix(),
                                     training_figure=training_figure.as_posix() if any(log.get("epochs") for log in board.trainings.values()) else None))
     paths = [path]
+    if spec.checks:
+        sanity_path = out_dir / sanity_file(spec)
+        sanity_path.write_text(render_sanity(board, out_dir, command=command))
+        paths.append(sanity_path)
     if spec.label_leak_pairs:
         frame = label_leak_frame(board)
         leak_figure = Path("figures") / f"{spec.name}-label-leaking.png"
@@ -364,11 +472,23 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
 # --- drift check ------------------------------------------------------------------------------------
 
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
+NUMBERS_IN_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
+KEY_HEADERS = {"Defense", "Twins", "eps", "Check", "Column"}  # leading columns that name a row
+
+
+def _same_text(committed: str, fresh: str, tolerance: float) -> bool:
+    """Text cells match when their words agree and the numbers inside them agree within `tolerance`."""
+    if committed == fresh:
+        return True
+    words_old, words_new = NUMBERS_IN_TEXT.split(committed), NUMBERS_IN_TEXT.split(fresh)
+    numbers_old, numbers_new = NUMBERS_IN_TEXT.findall(committed), NUMBERS_IN_TEXT.findall(fresh)
+    return words_old == words_new and len(numbers_old) == len(numbers_new) and all(
+        abs(float(a) - float(b)) <= tolerance for a, b in zip(numbers_old, numbers_new))
 
 
 def parse_tables(markdown: str) -> dict[tuple[str, str, str], str]:
     """{(section heading, row key, column header): cell text} for every pipe table; a row's key is its
-    leading text cells (defense, and e.g. twin pair and eps) up to its first number."""
+    leading cells under naming headers (Defense, Twins, eps, Check, Column), at least the first cell."""
     cells, heading, header = {}, "", None
     for line in markdown.splitlines():
         if line.startswith("#"):
@@ -381,9 +501,10 @@ def parse_tables(markdown: str) -> dict[tuple[str, str, str], str]:
         if header is None:
             header = parts
         elif not all(set(part) <= set(":-") for part in parts):
-            leading = next((i for i, part in enumerate(parts) if NUMBER.match(part)), len(parts))
-            row = " | ".join(parts[: max(1, leading)])
-            for column, value in zip(header[1:], parts[1:]):
+            leading = next((i for i, name in enumerate(header) if name not in KEY_HEADERS), len(header))
+            leading = max(1, leading)
+            row = " | ".join(parts[:leading])
+            for column, value in zip(header[leading:], parts[leading:]):
                 cells[(heading, row, column)] = value
     return cells
 
@@ -403,7 +524,7 @@ def compare(committed: str, regenerated: str, *, tolerance: float = 1.0) -> list
         if NUMBER.match(value) and NUMBER.match(fresh):
             if abs(float(value) - float(fresh)) > tolerance:
                 problems.append(f"[{heading}] {row} / {column}: committed {value}, regenerated {fresh}")
-        elif value != fresh:
+        elif not _same_text(value, fresh, tolerance):
             problems.append(f"[{heading}] {row} / {column}: committed {value!r}, regenerated {fresh!r}")
     for key in new.keys() - old.keys():
         if "cost" not in key[0].lower():

@@ -7,6 +7,8 @@ Every error names the file and the TOML key that is wrong, and what is allowed t
     [defenses.ID] recipe = "<DEFENSES id>" + recipe options        (trained in-house)
                   or factory = "pkg.module:function", weights = "file.safetensors", options = {...}
     [attacks.ID]  attack = "<ATTACKS id>" + the attack's options, optional eps = [...] (a subset of the grid)
+    [checks.ID]   a sanity check by its CHECKS id + the check's options (`python -m harness list checks`)
+    [label_leak]  pairs = [["<true-label column>", "<label-free twin column>"], ...]
 """
 from __future__ import annotations
 
@@ -18,7 +20,7 @@ from pathlib import Path
 import harness.plugins  # noqa: F401  (every registry entry must exist before a spec is checked)
 from attacks_ext.base import Attack, check_eps
 from defenses.recipes import Recipe, build_recipe
-from harness.registry import ATTACKS, DATASETS
+from harness.registry import ATTACKS, CHECKS, DATASETS
 from harness.threat import Norm
 
 
@@ -67,6 +69,17 @@ class AttackSpec:
 
 
 @dataclass(frozen=True)
+class CheckSpec:
+    """One sanity check with fixed options; its verdicts become the leaderboard's Sanity column."""
+
+    check_id: str
+    options: tuple[tuple[str, object], ...]
+
+    def build(self):
+        return CHECKS.get(self.check_id)(**dict(self.options))
+
+
+@dataclass(frozen=True)
 class BenchmarkSpec:
     name: str
     path: Path
@@ -80,9 +93,15 @@ class BenchmarkSpec:
     attacks: tuple[AttackSpec, ...]
     rank_by: tuple[Norm, float]
     label_leak_pairs: tuple[tuple[str, str], ...] = ()  # (true-label column, label-free twin column)
+    checks: tuple[CheckSpec, ...] = ()
 
     def eps_grid(self, norm: Norm) -> tuple[float, ...]:
         return dict(self.eps).get(norm, ())
+
+    def check_context(self):
+        from attacks_ext.checks import Context
+
+        return Context(grid=dict(self.eps), rank_by=self.rank_by, eval_examples=self.eval_examples)
 
 
 BENCHMARK_KEYS = {"name", "dataset", "dataset_options", "seed", "eval_examples", "batch_size", "rank_by"}
@@ -98,6 +117,14 @@ def _check_keys(path, key: str, table: dict, allowed: set[str], required: set[st
     missing = sorted(required - set(table))
     if missing:
         _fail(path, key, f"missing required key {', '.join(map(repr, missing))}")
+
+
+def _check_options(path, key: str, entry_id: str, factory, options: dict) -> None:
+    """Every option must be a keyword of the registered factory; the error lists the allowed ones."""
+    allowed = [p for p in inspect.signature(factory).parameters if p != "self"]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        _fail(path, key, f"unknown option {', '.join(map(repr, unknown))} for {entry_id}; allowed: {', '.join(allowed) or '(none)'}")
 
 
 def _positive_int(path, key: str, value) -> int:
@@ -182,10 +209,7 @@ def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ..
     except KeyError as error:
         _fail(path, f"{key}.attack", str(error))
     options = {k: v for k, v in table.items() if k not in ("attack", "eps")}
-    allowed = [p for p in inspect.signature(factory).parameters if p != "self"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        _fail(path, key, f"unknown option {', '.join(map(repr, unknown))} for {attack_id}; allowed: {', '.join(allowed) or '(none)'}")
+    _check_options(path, key, attack_id, factory, options)
     try:
         attack = factory(**options)
     except (TypeError, ValueError) as error:
@@ -218,6 +242,33 @@ def _load_label_leak(path, table: dict, attacks: tuple[AttackSpec, ...]) -> tupl
     return tuple(out)
 
 
+def _load_checks(path, table: dict, context) -> tuple[CheckSpec, ...]:
+    """[checks.<check id>] tables, each holding that check's options."""
+    if not isinstance(table, dict):
+        _fail(path, "checks", "must hold one [checks.<check id>] table per check")
+    out = []
+    for check_id, options in table.items():
+        key = f"checks.{check_id}"
+        try:
+            factory = CHECKS.get(check_id)
+        except KeyError as error:
+            _fail(path, key, str(error))
+        if not isinstance(options, dict):
+            _fail(path, key, "must be a table of the check's options (it may be empty)")
+        _check_options(path, key, check_id, factory, options)
+        try:
+            check = factory(**options)
+            requests = check.requests(context)
+        except (KeyError, TypeError, ValueError) as error:
+            _fail(path, key, str(error))
+        for request in requests:
+            if request.examples > context.eval_examples:
+                _fail(path, key, f"asks for {request.examples} examples but [benchmark.eval_examples] is "
+                                 f"{context.eval_examples}; lower its examples option")
+        out.append(CheckSpec(check_id, tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in options.items()))))
+    return tuple(out)
+
+
 def load(path: str | Path) -> BenchmarkSpec:
     """Parse and validate a benchmark TOML file."""
     path = Path(path)
@@ -227,7 +278,7 @@ def load(path: str | Path) -> BenchmarkSpec:
         raise SpecError(f"{path}: no such benchmark file") from None
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: not valid TOML: {error}") from None
-    _check_keys(path, "top level", raw, {"benchmark", "eps", "defenses", "attacks", "label_leak"},
+    _check_keys(path, "top level", raw, {"benchmark", "eps", "defenses", "attacks", "label_leak", "checks"},
                 required={"benchmark", "eps", "defenses", "attacks"})
     bench = raw["benchmark"]
     _check_keys(path, "benchmark", bench, BENCHMARK_KEYS, required={"dataset"})
@@ -275,12 +326,16 @@ def load(path: str | Path) -> BenchmarkSpec:
         rank_eps = max(grid[rank_norm])
 
     label_leak_pairs = _load_label_leak(path, raw.get("label_leak", {}), attacks)
+    eval_examples = _positive_int(path, "benchmark.eval_examples", bench.get("eval_examples", 1000))
+    from attacks_ext.checks import Context
+
+    checks = _load_checks(path, raw.get("checks", {}), Context(grid, (rank_norm, float(rank_eps)), eval_examples))
 
     return BenchmarkSpec(
-        label_leak_pairs=label_leak_pairs,
+        label_leak_pairs=label_leak_pairs, checks=checks,
         name=bench.get("name", path.stem), path=path, dataset=dataset,
         dataset_options=tuple(sorted(dataset_options.items())), seed=seed,
-        eval_examples=_positive_int(path, "benchmark.eval_examples", bench.get("eval_examples", 1000)),
+        eval_examples=eval_examples,
         batch_size=_positive_int(path, "benchmark.batch_size", bench.get("batch_size", 250)),
         eps=tuple(grid.items()), defenses=defenses, attacks=attacks, rank_by=(rank_norm, float(rank_eps)),
     )

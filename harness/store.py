@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -33,7 +33,8 @@ CREATE TABLE IF NOT EXISTS cells (
     versions       TEXT NOT NULL,   -- JSON: python, torch, art, torchattacks, numpy
     git_commit     TEXT NOT NULL,
     device         TEXT NOT NULL,
-    finished_at    TEXT NOT NULL
+    finished_at    TEXT NOT NULL,
+    measurements   BLOB              -- safetensors bytes of a probe's per-example arrays; NULL for attack cells
 );
 CREATE TABLE IF NOT EXISTS defenses (
     key        TEXT PRIMARY KEY,
@@ -43,6 +44,11 @@ CREATE TABLE IF NOT EXISTS defenses (
     training   TEXT NOT NULL       -- JSON: training log (cost, per-epoch metrics); {} for external
 );
 """
+
+
+COLUMNS = ("key", "benchmark", "defense", "defense_key", "attack", "attack_id", "options", "norm", "eps", "examples",
+           "clean_correct", "adv_correct", "seconds", "forward_evals", "gradient_evals", "seed", "versions",
+           "git_commit", "device", "finished_at", "measurements")
 
 
 @dataclass(frozen=True)
@@ -68,6 +74,7 @@ class CellRecord:
     git_commit: str
     device: str
     finished_at: str
+    measurements: dict[str, np.ndarray] = field(default_factory=dict)  # a probe's named arrays (sanity checks)
 
     @property
     def robust_correct(self) -> np.ndarray:
@@ -83,6 +90,23 @@ def unpack(blob: bytes, length: int) -> np.ndarray:
     return np.unpackbits(np.frombuffer(blob, dtype=np.uint8), count=length).astype(bool)
 
 
+def pack_measurements(arrays: dict[str, np.ndarray]) -> bytes | None:
+    """safetensors bytes (never pickle) of named numeric arrays; None when there are none."""
+    if not arrays:
+        return None
+    from safetensors.numpy import save
+
+    return save({name: np.ascontiguousarray(value) for name, value in arrays.items()})
+
+
+def unpack_measurements(blob: bytes | None) -> dict[str, np.ndarray]:
+    if blob is None:
+        return {}
+    from safetensors.numpy import load
+
+    return dict(load(bytes(blob)))
+
+
 class ResultStore:
     """SQLite store of cells; only the matrix driver writes to it."""
 
@@ -91,6 +115,10 @@ class ResultStore:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._conn = sqlite3.connect(str(self.path))
         self._conn.executescript(SCHEMA)
+        columns = {row[1] for row in self._conn.execute("PRAGMA table_info(cells)")}
+        if "measurements" not in columns:  # a store written before probes existed: keep its cells, add the column
+            with self._conn:
+                self._conn.execute("ALTER TABLE cells ADD COLUMN measurements BLOB")
 
     def close(self) -> None:
         self._conn.close()
@@ -110,26 +138,28 @@ class ResultStore:
             raise ValueError("clean and adversarial outcome vectors differ in length")
         with self._conn:
             self._conn.execute(
-                "INSERT INTO cells VALUES (?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?,?)",
+                f"INSERT INTO cells ({', '.join(COLUMNS)}) VALUES ({', '.join('?' * len(COLUMNS))})",
                 (record.key, record.benchmark, record.defense, record.defense_key, record.attack, record.attack_id,
                  json.dumps(record.options, sort_keys=True), record.norm, float(record.eps), len(record.clean_correct),
                  pack(record.clean_correct), pack(record.adv_correct), float(record.seconds),
                  int(record.forward_evals), int(record.gradient_evals), int(record.seed),
-                 json.dumps(record.versions, sort_keys=True), record.git_commit, record.device, record.finished_at),
+                 json.dumps(record.versions, sort_keys=True), record.git_commit, record.device, record.finished_at,
+                 pack_measurements(record.measurements)),
             )
 
     def cells(self, keys: list[str] | None = None) -> dict[str, CellRecord]:
         """Stored cells by key (all of them, or those among `keys` that exist)."""
-        rows = self._conn.execute("SELECT * FROM cells").fetchall() if keys is None else [
-            row for key in keys for row in self._conn.execute("SELECT * FROM cells WHERE key = ?", (key,)).fetchall()
+        select = f"SELECT {', '.join(COLUMNS)} FROM cells"
+        rows = self._conn.execute(select).fetchall() if keys is None else [
+            row for key in keys for row in self._conn.execute(select + " WHERE key = ?", (key,)).fetchall()
         ]
         out = {}
         for row in rows:
             (key, benchmark, defense, defense_key, attack, attack_id, options, norm, eps, examples, clean, adv,
-             seconds, forward, gradient, seed, versions, commit, device, finished) = row
+             seconds, forward, gradient, seed, versions, commit, device, finished, measurements) = row
             out[key] = CellRecord(key, benchmark, defense, defense_key, attack, attack_id, json.loads(options), norm, eps,
                                   unpack(clean, examples), unpack(adv, examples), seconds, forward, gradient, seed,
-                                  json.loads(versions), commit, device, finished)
+                                  json.loads(versions), commit, device, finished, unpack_measurements(measurements))
         return out
 
     def count(self) -> int:

@@ -10,7 +10,7 @@ from harness.threat import Norm, perturbation_norms, verify
 from tests.conftest import accuracy
 
 EPS = {Norm.LINF: 0.2, Norm.L2: 1.5}
-FAST = {"steps": 5}  # enough steps to exercise the loop; the defaults are for benchmarks
+FAST = {"steps": 5, "queries": 100}  # enough to exercise the loop; the defaults are for benchmarks
 
 
 def build(name: str) -> Attack:

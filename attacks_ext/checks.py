@@ -1,0 +1,968 @@
+"""Sanity checks that tell robustness from gradient masking (Carlini et al. 2019, "On Evaluating Adversarial
+Robustness"; Shafahi et al.; Kurakin et al.; Li et al.; the label-leaking post).
+
+A check names the extra evidence it needs: attack cells beyond the matrix (run on the first `examples`
+test images) and probes (measurements of the model stored as per-example arrays). Its verdict is a pure
+function of stored evidence: pass / warn / fail, the figure that decided it and a short reason. The
+matrix plans, runs and stores the requested cells like any other cell; identical requests from two
+checks share one cell.
+"""
+from __future__ import annotations
+
+import enum
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from attacks_ext.base import check_eps
+from attacks_ext.pgd import ProjectedGradientDescent, project
+from attacks_ext.second_order import SecondOrderAttack
+from harness.registry import ATTACKS, CHECKS
+from harness.store import CellRecord
+from harness.threat import Norm
+
+
+class Status(enum.IntEnum):
+    """Ordered so that the worst of several verdicts is their max."""
+
+    PASS = 0
+    WARN = 1
+    FAIL = 2
+
+    @property
+    def label(self) -> str:
+        return self.name.lower()
+
+
+@dataclass(frozen=True)
+class Verdict:
+    """One check on one defense. `status` is None when its evidence is not in the store yet."""
+
+    check: str
+    status: Status | None
+    figure: str
+    reason: str
+    details: dict = field(default_factory=dict)  # columns of the check's detail table
+
+
+@dataclass(frozen=True)
+class AttackRequest:
+    """An attack cell a check needs: `attack_id` with `options` at `eps` on the first `examples` test images."""
+
+    name: str
+    attack_id: str
+    options: tuple[tuple[str, object], ...]
+    eps: float
+    examples: int
+    restart: int = 0  # independent repetitions of the same attack get their own cell (and seed)
+
+
+@dataclass(frozen=True)
+class ProbeRequest:
+    """A measurement of the model (`PROBES[probe_id]`) on the first `examples` test images."""
+
+    name: str
+    probe_id: str
+    options: tuple[tuple[str, object], ...]
+    examples: int
+
+
+@dataclass(frozen=True)
+class Column:
+    """What a check needs to know about one attack column of the matrix."""
+
+    label: str
+    norm: Norm
+    family: str
+    eps: tuple[float, ...]
+
+
+@dataclass(frozen=True)
+class Context:
+    """The benchmark as the checks see it when they plan their requests."""
+
+    grid: dict  # Norm -> eps tuple
+    rank_by: tuple[Norm, float]
+    eval_examples: int
+
+
+@dataclass(frozen=True)
+class Evidence:
+    """Everything stored about one defense that a check may read."""
+
+    defense: str
+    context: Context
+    columns: dict[str, Column]
+    matrix: dict[tuple[str, float], CellRecord | None]  # (column label, eps) -> cell; ("clean", 0.0) included
+    requested: dict[str, CellRecord | None]  # the check's request name -> cell
+
+    @property
+    def clean(self) -> CellRecord | None:
+        return self.matrix.get(("clean", 0.0))
+
+    def white_box(self, norm: Norm, eps: float) -> list[tuple[str, CellRecord]]:
+        """The matrix's gradient-based (one-step or iterative) cells at (norm, eps), or [] if any is missing."""
+        cells = [(c.label, self.matrix.get((c.label, eps))) for c in self.columns.values()
+                 if c.norm is norm and eps in c.eps and c.family in ("one-step", "iterative")]
+        return [] if any(r is None for _, r in cells) else cells
+
+
+def accuracy(record: CellRecord) -> float:
+    """Robust accuracy in %: correct on the clean input and on the attacked one."""
+    return 100 * float(record.robust_correct.mean())
+
+
+def _missing(check: str, what: str) -> Verdict:
+    return Verdict(check, None, "", f"not run yet: {what} missing from the store")
+
+
+def _number(value, name: str, *, low: float = 0.0, inclusive: bool = True) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or (
+            value < low if inclusive else value <= low):
+        raise ValueError(f"{name} must be a number {'>=' if inclusive else '>'} {low:g}, got {value!r}")
+    return float(value)
+
+
+def _count(value, name: str, low: int = 1) -> int:
+    if isinstance(value, bool) or not isinstance(value, int) or value < low:
+        raise ValueError(f"{name} must be an integer >= {low}, got {value!r}")
+    return value
+
+
+def _thresholds(warn: float, fail: float, unit: str) -> tuple[float, float]:
+    warn, fail = _number(warn, f"warn threshold ({unit})"), _number(fail, f"fail threshold ({unit})")
+    if warn > fail:
+        raise ValueError(f"the warn threshold ({warn:g} {unit}) must not exceed the fail threshold ({fail:g} {unit})")
+    return warn, fail
+
+
+def _grade(value: float, warn: float, fail: float) -> Status:
+    return Status.FAIL if value > fail else Status.WARN if value > warn else Status.PASS
+
+
+class Check:
+    """Base of every check: `requests` (extra evidence), `evaluate` (pure), and optionally `plot`."""
+
+    id = "check"
+    title = "check"
+    examples: int | None = None  # test images its requests use; None: all of the benchmark's
+
+    def requests(self, context: Context) -> tuple[AttackRequest | ProbeRequest, ...]:
+        return ()
+
+    def evaluate(self, evidence: Evidence) -> Verdict:
+        raise NotImplementedError
+
+    def plot(self, evidences: dict[str, Evidence], path) -> bool:
+        """Draw the check's figure for every defense into `path`; False when there is nothing to draw."""
+        return False
+
+    def _examples(self, context: Context) -> int:
+        return context.eval_examples if self.examples is None else self.examples
+
+    def _verdict(self, status: Status, figure: str, reason: str, **details) -> Verdict:
+        return Verdict(self.id, status, figure, reason, details)
+
+
+def _attack_norm(attack_id: str, options: dict) -> Norm:
+    return ATTACKS.get(attack_id)(**options).norm
+
+
+def _default_eps(context: Context, norm: Norm, eps: float | None) -> float:
+    if eps is not None:
+        return float(check_eps(eps, norm))
+    rank_norm, rank_eps = context.rank_by
+    if rank_norm is norm:
+        return rank_eps
+    if norm not in context.grid:
+        raise ValueError(f"no {norm.value} eps grid to take a default eps from; give eps")
+    return max(context.grid[norm])
+
+
+def _figure(plt, width=6.5, height=4.0):
+    return plt.subplots(figsize=(width, height))
+
+
+def _pyplot():
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def _save(fig, path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.tight_layout()
+    fig.savefig(path, dpi=100, metadata={"Software": None})
+    fig.clf()
+    _pyplot().close(fig)
+
+
+def _finish(fig, axis, path, *, xlabel: str, ylabel: str, title: str, drawn: bool, log_y: bool = False) -> bool:
+    """Label, legend and save a one-panel check figure; returns whether anything was drawn."""
+    if log_y:
+        axis.set_yscale("log")
+    axis.set_xlabel(xlabel)
+    axis.set_ylabel(ylabel)
+    axis.grid(alpha=0.3)
+    axis.set_title(title, fontsize=10)
+    if drawn:
+        axis.legend(fontsize=7, ncol=2)
+    _save(fig, path)
+    return drawn
+
+
+def _line_styles(count: int):
+    """Distinct (colour, line style) pairs for more defenses than one colour cycle has."""
+    colors = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    return [(colors[i % len(colors)], ("-", "--", ":")[i // len(colors) % 3]) for i in range(count)]
+
+
+# --- checks on extra attack cells ---------------------------------------------------------------------
+
+@CHECKS.register("unbounded-eps")
+class UnboundedEps(Check):
+    """Unbounded eps (Carlini et al. 2019; Shafahi et al. Table 9): as eps grows towards the whole input range
+    with more steps, accuracy must fall to about 0; if it does not, gradients are masked or the attack is broken."""
+
+    id, title = "unbounded-eps", "Unbounded eps"
+
+    def __init__(self, *, eps: list | tuple = (0.5, 1.0), steps: int = 100, examples: int = 100,
+                 attack: str = "pgd-linf", warn_above: float = 1.0, fail_above: float = 5.0):
+        self.attack, self.steps, self.examples = attack, _count(steps, "steps"), _count(examples, "examples")
+        self.norm = _attack_norm(attack, {"steps": self.steps})
+        if not isinstance(eps, (list, tuple)) or not eps:
+            raise ValueError(f"eps must be a non-empty list, got {eps!r}")
+        self.eps = tuple(sorted(float(check_eps(e, self.norm)) for e in eps))
+        self.warn, self.fail = _thresholds(warn_above, fail_above, "% accuracy")
+
+    def requests(self, context):
+        return tuple(AttackRequest(f"eps={e:g}", self.attack, (("steps", self.steps),), e, self.examples)
+                     for e in self.eps)
+
+    def evaluate(self, evidence):
+        records = [evidence.requested.get(f"eps={e:g}") for e in self.eps]
+        if any(r is None for r in records):
+            return _missing(self.id, "unbounded-eps cells")
+        accs = [accuracy(r) for r in records]
+        top, eps = accs[-1], self.eps[-1]
+        status = _grade(top, self.warn, self.fail)
+        figure = f"{top:.1f}% at {self.norm.symbol} eps {eps:g} ({self.attack}, {self.steps} steps)"
+        if status is Status.PASS:
+            reason = "accuracy falls to ~0 once the budget allows any image: the attack works"
+        else:
+            reason = (f"{top:.1f}% of images survive an eps that admits any image: the attack cannot follow the "
+                      "gradient (gradient masking) or is broken; robust accuracies of this row are not trustworthy")
+        return self._verdict(status, figure, reason, **{f"{self.norm.symbol} {e:g}": a for e, a in zip(self.eps, accs)})
+
+    def plot(self, evidences, path):
+        plt = _pyplot()
+        fig, axis = _figure(plt)
+        drawn = False
+        for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
+            verdict = self.evaluate(evidence)
+            if verdict.status is None or evidence.clean is None:
+                continue
+            points = [(0.0, 100 * float(evidence.clean.clean_correct[: self.examples].mean()))]
+            points += [(e, verdict.details[f"{self.norm.symbol} {e:g}"]) for e in self.eps]
+            axis.plot(*zip(*points), marker="o", color=color, linestyle=style, label=name)
+            drawn = True
+        axis.set_ylim(-2, 102)
+        return _finish(fig, axis, path, xlabel=f"eps ({self.norm.symbol})", ylabel=f"accuracy under {self.attack}-{self.steps} (%)",
+                       title="unbounded eps: accuracy must reach ~0", drawn=drawn)
+
+
+class _Sweep(Check):
+    """Shared by the restart and step sweeps: one curve per defense, warn while the last doubling still helps."""
+
+    x_label = ""
+
+    def _curve(self, evidence) -> list[tuple[int, float]] | None:
+        raise NotImplementedError
+
+    def evaluate(self, evidence):
+        curve = self._curve(evidence)
+        if curve is None:
+            return _missing(self.id, "sweep cells")
+        (first_x, first), (half_x, half), (last_x, last) = curve[0], curve[-2] if len(curve) > 1 else curve[0], curve[-1]
+        drop = half - last
+        status = Status.WARN if drop > self.warn_drop else Status.PASS
+        figure = f"{first:.1f}% at {first_x} → {half:.1f}% at {half_x} → {last:.1f}% at {last_x} {self.x_label}"
+        if status is Status.PASS:
+            reason = f"going from {half_x} to {last_x} {self.x_label} changes accuracy by {drop:.1f} points (≤ {self.warn_drop:g}): converged"
+        else:
+            reason = (f"going from {half_x} to {last_x} {self.x_label} still lowers accuracy by {drop:.1f} points "
+                      f"(> {self.warn_drop:g}): the attack has not converged; the board's numbers overstate robustness")
+        return self._verdict(status, figure, reason, **{f"{x} {self.x_label}": a for x, a in curve})
+
+    def plot(self, evidences, path):
+        plt = _pyplot()
+        fig, axis = _figure(plt)
+        drawn = False
+        for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
+            curve = self._curve(evidence)
+            if curve:
+                axis.plot(*zip(*curve), marker="o", color=color, linestyle=style, label=name)
+                drawn = True
+        axis.set_xscale("log", base=2)
+        axis.set_ylim(-2, 102)
+        return _finish(fig, axis, path, xlabel=self.x_label, ylabel="robust accuracy (%)", drawn=drawn,
+                       title=f"{self.title}: {self.attack} at {self.norm.symbol} eps {self._eps_label}")
+
+
+@CHECKS.register("restart-sweep")
+class RestartSweep(_Sweep):
+    """Random-restart sweep (Shafahi et al. Table 10): an example counts as robust only if it survives every
+    restart so far; warn when the last doubling of restarts still lowers accuracy by more than `warn_drop` points."""
+
+    id, title, x_label = "restart-sweep", "Random-restart sweep", "restarts"
+
+    def __init__(self, *, restarts: int = 4, steps: int = 40, eps: float | None = None, examples: int = 100,
+                 attack: str = "pgd-linf", warn_drop: float = 1.0):
+        self.restarts, self.steps = _count(restarts, "restarts", 2), _count(steps, "steps")
+        self.examples, self.attack, self.eps_option = _count(examples, "examples"), attack, eps
+        self.norm = _attack_norm(attack, {"steps": self.steps})
+        self.warn_drop = _number(warn_drop, "warn_drop (points)")
+        self._eps_label = "(rank eps)" if eps is None else f"{eps:g}"
+
+    def requests(self, context):
+        eps = _default_eps(context, self.norm, self.eps_option)
+        self._eps_label = f"{eps:g}"
+        return tuple(AttackRequest(f"restart {r + 1}", self.attack, (("steps", self.steps),), eps, self.examples, restart=r)
+                     for r in range(self.restarts))
+
+    def _curve(self, evidence):
+        records = [evidence.requested.get(f"restart {r + 1}") for r in range(self.restarts)]
+        if any(r is None for r in records):
+            return None
+        survived = np.logical_and.accumulate([r.robust_correct for r in records])
+        points = sorted({1, *(2 ** i for i in range(1, self.restarts.bit_length())), self.restarts})
+        return [(n, 100 * float(survived[n - 1].mean())) for n in points if n <= self.restarts]
+
+
+@CHECKS.register("step-sweep")
+class StepSweep(_Sweep):
+    """Step-count sweep (Shafahi et al. Table 11): PGD with more and more steps (step size 2.5 eps / steps);
+    warn when the last doubling still lowers accuracy by more than `warn_drop` points."""
+
+    id, title, x_label = "step-sweep", "Step-count sweep", "steps"
+
+    def __init__(self, *, steps: list | tuple = (10, 20, 40, 80), eps: float | None = None, examples: int = 100,
+                 attack: str = "pgd-linf", warn_drop: float = 1.0):
+        if not isinstance(steps, (list, tuple)) or len(steps) < 2:
+            raise ValueError(f"steps must list at least two step counts, got {steps!r}")
+        self.steps = tuple(sorted(_count(s, "steps") for s in steps))
+        self.examples, self.attack, self.eps_option = _count(examples, "examples"), attack, eps
+        self.norm = _attack_norm(attack, {"steps": self.steps[0]})
+        self.warn_drop = _number(warn_drop, "warn_drop (points)")
+        self._eps_label = "(rank eps)" if eps is None else f"{eps:g}"
+
+    def requests(self, context):
+        eps = _default_eps(context, self.norm, self.eps_option)
+        self._eps_label = f"{eps:g}"
+        return tuple(AttackRequest(f"steps {s}", self.attack, (("steps", s),), eps, self.examples) for s in self.steps)
+
+    def _curve(self, evidence):
+        records = [evidence.requested.get(f"steps {s}") for s in self.steps]
+        if any(r is None for r in records):
+            return None
+        return [(s, accuracy(r)) for s, r in zip(self.steps, records)]
+
+
+@CHECKS.register("gradient-free")
+class GradientFreeVsWhiteBox(Check):
+    """A gradient-free attack (Square) must not beat the white-box ones (Carlini et al. 2019): examples that only
+    the gradient-free attack breaks mean the white-box gradients are masked."""
+
+    id, title = "gradient-free", "Gradient-free vs white-box"
+
+    def __init__(self, *, attack: str = "ta-square", queries: int = 1000, eps: float | None = None,
+                 examples: int = 100, warn_share: float = 2.0, fail_share: float = 10.0):
+        self.attack, self.queries, self.examples = attack, _count(queries, "queries"), _count(examples, "examples")
+        family = ATTACKS.get(attack)().family
+        if family != "gradient-free":
+            raise ValueError(f"attack {attack!r} is {family}, not gradient-free, which this check needs")
+        built = ATTACKS.get(attack)(queries=self.queries)
+        self.norm, self.eps_option = built.norm, eps
+        self.warn, self.fail = _thresholds(warn_share, fail_share, "% of examples")
+
+    def requests(self, context):
+        self.eps = _default_eps(context, self.norm, self.eps_option)
+        return (AttackRequest("gradient-free", self.attack, (("queries", self.queries),), self.eps, self.examples),)
+
+    def evaluate(self, evidence):
+        eps = _default_eps(evidence.context, self.norm, self.eps_option)
+        free = evidence.requested.get("gradient-free")
+        white = evidence.white_box(self.norm, eps)
+        if free is None:
+            return _missing(self.id, f"{self.attack} cell")
+        if not white:
+            return Verdict(self.id, None, "", f"no complete white-box columns at {self.norm.symbol} {eps:g} to compare with")
+        n = len(free.robust_correct)
+        survived_white = np.logical_and.reduce([r.robust_correct[:n] for _, r in white])
+        only_free = 100 * float((survived_white & ~free.robust_correct).mean())
+        status = _grade(only_free, self.warn, self.fail)
+        figure = (f"{self.attack} {accuracy(free):.1f}% vs white-box {100 * survived_white.mean():.1f}% at "
+                  f"{self.norm.symbol} {eps:g}; {only_free:.1f}% of examples broken only by {self.attack}")
+        reason = ("the gradient-free attack finds nothing the white-box attacks missed" if only_free == 0 else
+                  f"{only_free:.1f}% of examples fall only to the gradient-free attack"
+                  + (" (within tolerance)" if status is Status.PASS else
+                     ": white-box gradients are masked or the white-box attacks are too weak"))
+        return self._verdict(status, figure, reason, **{"Gradient-free": accuracy(free),
+                                                         "White-box": 100 * float(survived_white.mean()),
+                                                         "Only gradient-free": only_free})
+
+
+# --- checks on the matrix's own cells --------------------------------------------------------------------
+
+@CHECKS.register("monotone-eps")
+class MonotoneInEps(Check):
+    """Accuracy must not rise with eps (Carlini et al. 2019): a larger ball contains the smaller one, so a rise
+    means the attack fails to find what it found before (e.g. label leaking one-step attacks)."""
+
+    id, title = "monotone-eps", "Monotone in eps"
+
+    def __init__(self, *, warn_rise: float = 1.0, fail_rise: float = 5.0):
+        self.warn, self.fail = _thresholds(warn_rise, fail_rise, "points")
+
+    def evaluate(self, evidence):
+        rise, where, compared = -math.inf, "", 0
+        for column in evidence.columns.values():
+            records = [evidence.matrix.get((column.label, e)) for e in column.eps]
+            if len(records) < 2 or any(r is None for r in records):
+                continue
+            compared += 1
+            accs = [accuracy(r) for r in records]
+            for e0, a0, e1, a1 in zip(column.eps, accs, column.eps[1:], accs[1:]):
+                if a1 - a0 > rise:
+                    rise, where = a1 - a0, f"{column.label} {e0:g} → {e1:g}: {a0:.1f}% → {a1:.1f}%"
+        if not compared:
+            return Verdict(self.id, None, "", "no complete attack column with two or more eps in the store")
+        worst = max(0.0, rise)
+        status = _grade(worst, self.warn, self.fail)
+        figure = f"largest rise {worst:.1f} points" + (f" ({where})" if worst > 0 else "")
+        reason = ("accuracy never rises with eps" if worst == 0 else
+                  f"accuracy rises by {worst:.1f} points with a larger eps"
+                  + (" (within tolerance)" if status is Status.PASS else
+                     ": the attack stops working at larger eps (label leaking or masked gradients)"))
+        return self._verdict(status, figure, reason, **{"Largest rise (points)": worst})
+
+
+@CHECKS.register("iterative-beats-one-step")
+class IterativeBeatsOneStep(Check):
+    """Iterative attacks must be at least as strong as one-step ones at the same eps (Carlini et al. 2019);
+    a one-step attack that wins means the iterative attack's gradients lead it astray."""
+
+    id, title = "iterative-beats-one-step", "Iterative beats one-step"
+
+    def __init__(self, *, warn_margin: float = 1.0, fail_margin: float = 5.0):
+        self.warn, self.fail = _thresholds(warn_margin, fail_margin, "points")
+
+    def evaluate(self, evidence):
+        worst, where, compared = -math.inf, "", 0
+        points = sorted({(c.norm, e) for c in evidence.columns.values() for e in c.eps}, key=lambda p: (p[0].value, p[1]))
+        for norm, eps in points:
+            by_family = {}
+            for column in evidence.columns.values():
+                record = evidence.matrix.get((column.label, eps)) if column.norm is norm and eps in column.eps else None
+                if record is not None and column.family in ("one-step", "iterative"):
+                    by_family.setdefault(column.family, []).append((accuracy(record), column.label))
+            if len(by_family) < 2:
+                continue
+            compared += 1
+            one, iterative = min(by_family["one-step"]), min(by_family["iterative"])
+            if iterative[0] - one[0] > worst:
+                worst = iterative[0] - one[0]
+                where = f"{iterative[1]} {iterative[0]:.1f}% vs {one[1]} {one[0]:.1f}% at {norm.symbol} {eps:g}"
+        if not compared:
+            return Verdict(self.id, None, "", "no eps with both a one-step and an iterative column in the store")
+        status = _grade(worst, self.warn, self.fail)
+        reason = ("the strongest iterative attack beats the strongest one-step attack at every eps" if worst <= 0 else
+                  f"a one-step attack beats every iterative one by {worst:.1f} points"
+                  + (" (within tolerance)" if status is Status.PASS else ": the iterative attacks' gradients are masked"))
+        return self._verdict(status, f"closest: {where}", reason, **{"Iterative − one-step (points)": worst})
+
+
+# --- checks on probes ----------------------------------------------------------------------------------
+
+@CHECKS.register("zero-gradients")
+class ZeroGradients(Check):
+    """Zero or vanishing input gradients at clean points (Athalye et al. 2018): a zero margin gradient means the
+    function is flat to first order (shattered or quantized gradients); a zero cross-entropy gradient with a
+    non-zero margin gradient means the softmax saturates and cross-entropy attacks see nothing."""
+
+    id, title = "zero-gradients", "Zero / vanishing gradients"
+
+    def __init__(self, *, examples: int | None = None, warn_share: float = 5.0, fail_share: float = 50.0):
+        self.examples = None if examples is None else _count(examples, "examples")
+        self.warn, self.fail = _thresholds(warn_share, fail_share, "% of examples")
+
+    def requests(self, context):
+        return (ProbeRequest("gradients", "input-gradients", (), self._examples(context)),)
+
+    def evaluate(self, evidence):
+        probe = evidence.requested.get("gradients")
+        if probe is None:
+            return _missing(self.id, "input-gradient probe")
+        margin = probe.measurements["margin_grad_l1"]
+        ce = probe.measurements["ce_grad_l1"]
+        zero_margin = 100 * float((margin == 0).mean())
+        saturated = 100 * float(((ce == 0) & (margin != 0)).mean())
+        status = max(_grade(zero_margin, self.warn, self.fail), Status.WARN if saturated > self.warn else Status.PASS)
+        figure = (f"{zero_margin:.1f}% zero margin gradients, {saturated:.1f}% saturated cross-entropy; "
+                  f"median ‖∇CE‖₁ {np.median(ce):.2e}")
+        if zero_margin > self.warn:
+            reason = (f"the input gradient of the logit margin is exactly zero on {zero_margin:.1f}% of clean points: "
+                      "gradient attacks cannot move; use BPDA or gradient-free attacks")
+        elif saturated > self.warn:
+            reason = f"cross-entropy saturates on {saturated:.1f}% of points: attack the margin (CW) loss instead"
+        else:
+            reason = "input gradients are non-zero at clean points"
+        return self._verdict(status, figure, reason, **{"Zero margin grad (%)": zero_margin,
+                                                        "Saturated CE (%)": saturated,
+                                                        "Median ‖∇CE‖₁": f"{np.median(ce):.3g}",
+                                                        "Median ‖∇margin‖₁": f"{np.median(margin):.3g}"})
+
+
+@CHECKS.register("randomized-outputs")
+class RandomizedOutputs(Check):
+    """Randomized outputs: repeated forward passes on the same input must agree. A randomized model needs
+    expectation over transformation (Athalye et al. 2018); plain attacks overstate its robustness."""
+
+    id, title = "randomized-outputs", "Randomized outputs"
+
+    def __init__(self, *, passes: int = 4, examples: int | None = None, logit_tolerance: float = 1e-4,
+                 fail_share: float = 0.5):
+        self.passes = _count(passes, "passes", 2)
+        self.examples = None if examples is None else _count(examples, "examples")
+        self.tolerance = _number(logit_tolerance, "logit_tolerance")
+        self.fail_share = _number(fail_share, "fail_share (% of examples)")
+
+    def requests(self, context):
+        return (ProbeRequest("outputs", "output-stats", (("passes", self.passes),), self._examples(context)),)
+
+    def evaluate(self, evidence):
+        probe = evidence.requested.get("outputs")
+        if probe is None:
+            return _missing(self.id, "output probe")
+        changed = 100 * float(probe.measurements["prediction_changed"].astype(bool).mean())
+        spread = float(probe.measurements["logit_spread"].max())
+        figure = f"predictions change on {changed:.1f}% of examples over {self.passes} passes; max logit spread {spread:.2e}"
+        if changed > self.fail_share:
+            return self._verdict(Status.FAIL, figure, "the model is randomized: predictions differ between identical "
+                                 "forward passes; evaluate it with expectation over transformation", **{"Changed (%)": changed})
+        if spread > self.tolerance:
+            return self._verdict(Status.WARN, figure, "logits differ between identical forward passes (randomness or "
+                                 "non-deterministic kernels), though predictions agree", **{"Changed (%)": changed})
+        return self._verdict(Status.PASS, figure, "identical forward passes give identical logits", **{"Changed (%)": changed})
+
+
+@CHECKS.register("probability-outputs")
+class ProbabilityOutputs(Check):
+    """The model must return logits, not probabilities: cross-entropy on softmax outputs squashes gradients
+    (Carlini & Wagner 2017) and masks them."""
+
+    id, title = "probability-outputs", "Probability outputs"
+
+    def __init__(self, *, passes: int = 4, examples: int | None = None, tolerance: float = 1e-3):
+        self.passes = _count(passes, "passes", 2)  # shares the randomized-outputs probe when the options agree
+        self.examples = None if examples is None else _count(examples, "examples")
+        self.tolerance = _number(tolerance, "tolerance", inclusive=False)
+
+    def requests(self, context):
+        return (ProbeRequest("outputs", "output-stats", (("passes", self.passes),), self._examples(context)),)
+
+    def evaluate(self, evidence):
+        probe = evidence.requested.get("outputs")
+        if probe is None:
+            return _missing(self.id, "output probe")
+        m = probe.measurements
+        probabilities = bool((m["row_min"] >= -self.tolerance).all() and (np.abs(m["row_sum"] - 1) <= self.tolerance).all())
+        log_probabilities = bool((np.abs(m["logsumexp"]) <= self.tolerance).all())
+        figure = (f"rows sum to {m['row_sum'].min():.3g}..{m['row_sum'].max():.3g}, min entry {m['row_min'].min():.3g}, "
+                  f"logsumexp {m['logsumexp'].min():.3g}..{m['logsumexp'].max():.3g}")
+        if probabilities:
+            return self._verdict(Status.FAIL, figure, "outputs are probabilities (non-negative rows summing to 1): "
+                                 "cross-entropy attacks on them see squashed gradients; return logits")
+        if log_probabilities:
+            return self._verdict(Status.PASS, figure, "outputs are log-probabilities: cross-entropy and margins are unaffected")
+        return self._verdict(Status.PASS, figure, "outputs are logits")
+
+
+@CHECKS.register("fgsm-direction-loss")
+class FgsmDirectionLoss(Check):
+    """Cross-entropy along the FGSM direction sign(grad) as eps grows (the label-leaking post's figure): a loss
+    that rises and then falls below its eps = 0 value is the gradient-masking / label-leaking signature."""
+
+    id, title = "fgsm-direction-loss", "Loss along the FGSM direction"
+
+    def __init__(self, *, points: int = 16, eps_max: float | None = None, examples: int | None = None,
+                 warn_share: float = 5.0, fail_share: float = 25.0):
+        self.points = _count(points, "points", 3)
+        self.eps_max = None if eps_max is None else float(check_eps(eps_max, Norm.LINF))
+        self.examples = None if examples is None else _count(examples, "examples")
+        self.warn, self.fail = _thresholds(warn_share, fail_share, "% of examples")
+
+    def requests(self, context):
+        eps_max = self.eps_max or max(context.grid.get(Norm.LINF, ()) or (0.3,))
+        return (ProbeRequest("fgsm-line", "fgsm-line", (("eps_max", eps_max), ("points", self.points)),
+                             self._examples(context)),)
+
+    @staticmethod
+    def signature(loss: np.ndarray) -> np.ndarray:
+        """Per example: the loss rises above its eps = 0 value and ends below it."""
+        start = loss[:, :1]
+        return (loss[:, 1:] > start).any(1) & (loss[:, -1] < loss[:, 0])
+
+    def evaluate(self, evidence):
+        probe = evidence.requested.get("fgsm-line")
+        if probe is None:
+            return _missing(self.id, "FGSM line probe")
+        loss, eps = probe.measurements["loss"], probe.measurements["eps"]
+        share = 100 * float(self.signature(loss).mean())
+        mean = loss.mean(0)
+        mean_signature = bool((mean[1:] > mean[0]).any() and mean[-1] < mean[0])
+        flat = bool(mean[-1] <= mean[0]) and not mean_signature
+        status = Status.FAIL if mean_signature else max(_grade(share, self.warn, self.fail),
+                                                         Status.WARN if flat else Status.PASS)
+        figure = f"{share:.1f}% of examples rise then fall below the eps=0 loss; mean loss {mean[0]:.3g} → {mean[-1]:.3g} at eps {eps[-1]:g}"
+        if status is Status.PASS:
+            reason = "the loss grows along the FGSM direction"
+        elif flat and share <= self.warn:
+            reason = "the mean loss does not rise along the FGSM direction: the gradient sign points nowhere (masked)"
+        else:
+            reason = ("along sign(grad) the loss rises and then falls below its clean value"
+                      + (" on average" if mean_signature else f" for {share:.1f}% of examples")
+                      + ": the one-step direction stops pointing uphill (label leaking / gradient masking)")
+        return self._verdict(status, figure, reason, **{"Signature (%)": share, "Mean loss at 0": f"{mean[0]:.3g}",
+                                                        f"Mean loss at {eps[-1]:g}": f"{mean[-1]:.3g}"})
+
+    def plot(self, evidences, path):
+        plt = _pyplot()
+        fig, axis = _figure(plt)
+        drawn = False
+        for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
+            probe = evidence.requested.get("fgsm-line")
+            if probe is not None:
+                axis.plot(probe.measurements["eps"], probe.measurements["loss"].mean(0), color=color, linestyle=style, label=name)
+                drawn = True
+        return _finish(fig, axis, path, xlabel="eps along sign(∇x CE) (L∞)", ylabel="mean cross-entropy", log_y=True,
+                       title="loss along the FGSM direction (must keep rising)", drawn=drawn)
+
+
+@CHECKS.register("linearized-robustness")
+class LinearizedRobustness(Check):
+    """Linearized robustness (Shafahi et al. Eq. 4): eps_L(x) = min_c (z_y - z_c) / ||grad z_y - grad z_c||_dual.
+    The share of examples with eps < eps_L predicts robust accuracy; warn when the attacks leave far more
+    examples standing than the linear model predicts (the attack under-uses the gradient, or the surface is
+    far from linear at that eps)."""
+
+    id, title = "linearized-robustness", "Linearized robustness"
+
+    def __init__(self, *, examples: int | None = None, warn_excess: float = 30.0):
+        self.examples = None if examples is None else _count(examples, "examples")
+        self.warn_excess = _number(warn_excess, "warn_excess (points)")
+
+    def requests(self, context):
+        return (ProbeRequest("linearization", "linearization", (), self._examples(context)),)
+
+    def comparison(self, evidence) -> list[tuple[Norm, float, float, float | None]]:
+        """(norm, eps, predicted %, empirical worst-case % on the same examples or None) per grid point."""
+        probe = evidence.requested.get("linearization")
+        m, rows = probe.measurements, []
+        n = len(m["eps_l_linf"])
+        for norm, grid in evidence.context.grid.items():
+            radius = m["eps_l_linf"] if norm is Norm.LINF else m["eps_l_l2"]
+            for eps in grid:
+                predicted = 100 * float((radius > eps).mean())
+                cells = [evidence.matrix.get((c.label, eps)) for c in evidence.columns.values() if c.norm is norm and eps in c.eps]
+                empirical = None if not cells or any(r is None for r in cells) else 100 * float(
+                    np.logical_and.reduce([r.robust_correct[:n] for r in cells]).mean())
+                rows.append((norm, eps, predicted, empirical))
+        return rows
+
+    def evaluate(self, evidence):
+        if evidence.requested.get("linearization") is None:
+            return _missing(self.id, "linearization probe")
+        rows = [r for r in self.comparison(evidence) if r[3] is not None]
+        if not rows:
+            return Verdict(self.id, None, "", "no complete matrix column to compare the prediction with")
+        norm, eps, predicted, empirical = max(rows, key=lambda r: r[3] - r[2])
+        excess = empirical - predicted
+        status = Status.WARN if excess > self.warn_excess else Status.PASS
+        figure = f"largest excess at {norm.symbol} {eps:g}: empirical {empirical:.1f}% vs linear {predicted:.1f}%"
+        reason = (f"empirical robust accuracy stays within {self.warn_excess:g} points of the linear prediction"
+                  if status is Status.PASS else
+                  f"the attacks leave {excess:.1f} points more examples standing than the linear model predicts: "
+                  "the loss surface bends at this eps or the attack does not exploit the gradient")
+        details = {f"{n.symbol} {e:g} linear / empirical": f"{p:.1f} / {'—' if a is None else f'{a:.1f}'}"
+                   for n, e, p, a in self.comparison(evidence)}
+        return self._verdict(status, figure, reason, **details)
+
+    def plot(self, evidences, path):
+        plt = _pyplot()
+        fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
+        drawn = False
+        for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
+            probe = evidence.requested.get("linearization")
+            if probe is None:
+                continue
+            m = probe.measurements
+            for axis, values in zip(axes, (m["logit_gap"], np.log10(np.maximum(m["grad_gap_l1"], 1e-12)), m["cosine"])):
+                axis.hist(values, bins=40, histtype="step", color=color, linestyle=style, label=name)
+            drawn = True
+        for axis, label in zip(axes, ("logit gap z_y − z_c (runner-up c)", "log10 ‖∇z_y − ∇z_c‖₁", "cos(∇z_y, ∇z_c)")):
+            axis.set_xlabel(label)
+            axis.grid(alpha=0.3)
+        axes[0].set_ylabel("examples")
+        if drawn:
+            axes[2].legend(fontsize=7, ncol=2)
+        fig.suptitle("Shafahi et al. Figs. 1 and 4: logit gaps, gradient gaps and gradient cosines", fontsize=10)
+        _save(fig, path)
+        return drawn
+
+
+@CHECKS.register("gradient-norm-trace")
+class GradientNormTrace(Check):
+    """Gradient norm along the attack iterations, PGD vs S-O (Li et al. Fig. 1): warn when the second-order
+    attack beats PGD by more than `warn_margin` points, i.e. the first-order gradient vanishes around the
+    points PGD reaches."""
+
+    id, title = "gradient-norm-trace", "Gradient norm along PGD and S-O"
+
+    def __init__(self, *, steps: int = 40, eps: float | None = None, examples: int = 100, sigma: float = 0.1,
+                 draws: int = 4, warn_margin: float = 2.0):
+        self.steps, self.examples, self.eps_option = _count(steps, "steps"), _count(examples, "examples"), eps
+        self.sigma, self.draws = _number(sigma, "sigma"), _count(draws, "draws")
+        self.warn_margin = _number(warn_margin, "warn_margin (points)")
+
+    def requests(self, context):
+        eps = _default_eps(context, Norm.LINF, self.eps_option)
+        options = (("draws", self.draws), ("eps", eps), ("sigma", self.sigma), ("steps", self.steps))
+        return (ProbeRequest("trace", "gradient-trace", options, self.examples),)
+
+    def evaluate(self, evidence):
+        probe = evidence.requested.get("trace")
+        if probe is None:
+            return _missing(self.id, "gradient-trace probe")
+        m = probe.measurements
+        pgd, so = 100 * float(m["pgd_correct"].mean()), 100 * float(m["so_correct"].mean())
+        figure = (f"PGD-{self.steps} {pgd:.1f}%, S-O {so:.1f}%; mean ‖∇‖₁ {m['pgd_grad_l1'][0]:.3g} → "
+                  f"{m['pgd_grad_l1'][-1]:.3g} along PGD")
+        status = Status.WARN if pgd - so > self.warn_margin else Status.PASS
+        reason = ("the second-order attack finds nothing PGD misses" if pgd - so <= 0 else
+                  f"S-O beats PGD by {pgd - so:.1f} points"
+                  + (" (within tolerance)" if status is Status.PASS else
+                     ": the first-order gradient vanishes around the points PGD reaches"))
+        return self._verdict(status, figure, reason, **{"PGD (%)": pgd, "S-O (%)": so})
+
+    def plot(self, evidences, path):
+        plt = _pyplot()
+        fig, axis = _figure(plt, 7, 4.2)
+        drawn = False
+        for (name, evidence), (color, _) in zip(evidences.items(), _line_styles(len(evidences))):
+            probe = evidence.requested.get("trace")
+            if probe is None:
+                continue
+            steps = np.arange(1, len(probe.measurements["pgd_grad_l1"]) + 1)
+            axis.plot(steps, np.maximum(probe.measurements["pgd_grad_l1"], 1e-12), color=color, label=name)
+            axis.plot(steps, np.maximum(probe.measurements["so_grad_l1"], 1e-12), color=color, linestyle="--")
+            drawn = True
+        return _finish(fig, axis, path, xlabel="attack iteration", ylabel="mean ‖∇x CE‖₁ over the batch", log_y=True,
+                       title="gradient norm along PGD (solid) and S-O (dashed)", drawn=drawn)
+
+
+@CHECKS.register("loss-landscape")
+class LossLandscape(Check):
+    """Loss landscape around the first test images (Shafahi et al. Figs. 5, 9) along two random sign directions
+    and along the gradient-sign direction x a random one: warn when, for most images, the gradient sign at the
+    radius raises the loss no more than the best of four random sign directions at the same radius (the
+    gradient carries no information)."""
+
+    id, title = "loss-landscape", "Loss landscape"
+
+    def __init__(self, *, images: int = 8, grid: int = 21, radius: float | None = None):
+        self.examples, self.grid = _count(images, "images"), _count(grid, "grid", 3)
+        self.radius = None if radius is None else float(check_eps(radius, Norm.LINF))
+
+    def requests(self, context):
+        radius = self.radius or _default_eps(context, Norm.LINF, None)
+        return (ProbeRequest("landscape", "landscape", (("grid", self.grid), ("radius", radius)), self.examples),)
+
+    def evaluate(self, evidence):
+        probe = evidence.requested.get("landscape")
+        if probe is None:
+            return _missing(self.id, "landscape probe")
+        random, adversarial = probe.measurements["random"], probe.measurements["adversarial"]
+        c = self.grid // 2
+        base = random[:, c, c]
+        rise_gradient = adversarial[:, -1, c] - base
+        # the same Linf budget on both sides: the gradient sign at the radius against the four random sign
+        # directions at the radius (the plane's corners lie outside the ball)
+        ends = np.stack([random[:, 0, c], random[:, -1, c], random[:, c, 0], random[:, c, -1]], 1)
+        rise_random = ends.max(1) - base
+        weaker = 100 * float((rise_gradient <= rise_random).mean())
+        status = Status.WARN if weaker > 50 else Status.PASS
+        figure = (f"median rise along the gradient sign {np.median(rise_gradient):.3g} vs best random "
+                  f"{np.median(rise_random):.3g}; gradient weaker on {weaker:.0f}% of images")
+        reason = ("the gradient direction raises the loss more than random directions" if status is Status.PASS else
+                  "on most images random directions raise the loss more than the gradient direction: the gradient "
+                  "is uninformative (masked)")
+        return self._verdict(status, figure, reason, **{"Gradient weaker (%)": weaker})
+
+    def plot(self, evidences, path):
+        plt = _pyplot()
+        shown = [(name, e.requested.get("landscape")) for name, e in evidences.items() if e.requested.get("landscape") is not None]
+        if not shown:
+            return False
+        fig, axes = plt.subplots(2, len(shown), figsize=(2.1 * len(shown), 4.4), squeeze=False)
+        for column, (name, probe) in enumerate(shown):
+            axis_values = probe.measurements["axis"]
+            gradient_values = np.linspace(0, axis_values[-1], len(axis_values))  # the gradient axis runs 0..radius
+            for row, key in enumerate(("random", "adversarial")):
+                axis = axes[row][column]
+                rows = axis_values if key == "random" else gradient_values
+                axis.contourf(axis_values, rows, probe.measurements[key][0], levels=20, cmap="viridis")
+                axis.set_xticks([])
+                axis.set_yticks([])
+                if row == 0:
+                    axis.set_title(name, fontsize=7)
+            axes[0][0].set_ylabel("random × random", fontsize=7)
+            axes[1][0].set_ylabel("gradient sign (↑) × random", fontsize=7)
+        fig.suptitle(f"cross-entropy around the first test image, radius {axis_values[-1]:g} (L∞)", fontsize=9)
+        _save(fig, path)
+        return True
+
+
+# --- probes: measurements of a model, stored per example -------------------------------------------------
+
+def _input_gradient(model: nn.Module, x: torch.Tensor, objective) -> torch.Tensor:
+    x = x.detach().requires_grad_(True)
+    (grad,) = torch.autograd.grad(objective(model(x)).sum(), x)
+    return grad
+
+
+def _margin(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """z_y - max_{c != y} z_c per example."""
+    true = logits.gather(1, y[:, None]).squeeze(1)
+    other = logits.masked_fill(F.one_hot(y, logits.shape[1]).bool(), -math.inf).amax(1)
+    return true - other
+
+
+def probe_input_gradients(model, x, y, *, generator) -> dict[str, np.ndarray]:
+    """L1 norms of the input gradients of the cross-entropy and of the logit margin at clean points."""
+    ce = _input_gradient(model, x, lambda z: F.cross_entropy(z, y, reduction="none"))
+    margin = _input_gradient(model, x, lambda z: _margin(z, y))
+    return {"ce_grad_l1": ce.flatten(1).abs().sum(1).double().cpu().numpy(),
+            "margin_grad_l1": margin.flatten(1).abs().sum(1).double().cpu().numpy()}
+
+
+def probe_output_stats(model, x, y, *, generator, passes: int) -> dict[str, np.ndarray]:
+    """Repeated forward passes (randomness) and the shape of the outputs (logits or probabilities)."""
+    with torch.no_grad():
+        outputs = [model(x).double() for _ in range(passes)]
+    first = outputs[0]
+    spread = torch.stack([(o - first).abs().amax(1) for o in outputs[1:]]).amax(0)
+    changed = torch.stack([(o.argmax(1) != first.argmax(1)) for o in outputs[1:]]).any(0)
+    return {"logit_spread": spread.cpu().numpy(), "prediction_changed": changed.to(torch.uint8).cpu().numpy(),
+            "row_min": first.amin(1).cpu().numpy(), "row_max": first.amax(1).cpu().numpy(),
+            "row_sum": first.sum(1).cpu().numpy(), "logsumexp": first.logsumexp(1).cpu().numpy()}
+
+
+def probe_fgsm_line(model, x, y, *, generator, eps_max: float, points: int) -> dict[str, np.ndarray]:
+    """Cross-entropy at clip01(x + t sign(grad)) for t on an even grid from 0 to eps_max."""
+    direction = _input_gradient(model, x, lambda z: F.cross_entropy(z, y, reduction="none")).sign()
+    grid = torch.linspace(0, eps_max, points)
+    with torch.no_grad():
+        losses = [F.cross_entropy(model((x + float(t) * direction).clamp(0, 1)), y, reduction="none") for t in grid]
+    return {"eps": grid.double().numpy(), "loss": torch.stack(losses, 1).double().cpu().numpy()}
+
+
+def probe_linearization(model, x, y, *, generator) -> dict[str, np.ndarray]:
+    """Shafahi et al. Eq. 4 per example, for the Linf (dual L1) and L2 (dual L2) threat models, plus the
+    runner-up class's logit gap, gradient gap and gradient cosine (their Figs. 1 and 4)."""
+    x = x.detach().requires_grad_(True)
+    logits = model(x)
+    classes = logits.shape[1]
+    grads = torch.stack([torch.autograd.grad(logits[:, c].sum(), x, retain_graph=c < classes - 1)[0].flatten(1)
+                         for c in range(classes)], 1)  # (N, C, D)
+    logits = logits.detach()
+    index = torch.arange(len(y))
+    gaps = logits[index, y][:, None] - logits  # (N, C), zero at y
+    diff = grads[index, y][:, None, :] - grads  # (N, C, D)
+    is_true = F.one_hot(y, classes).bool()
+    l1, l2 = diff.abs().sum(2), diff.norm(dim=2)
+    eps_linf = (gaps / l1.clamp_min(1e-30)).masked_fill(is_true, math.inf).amin(1)
+    eps_l2 = (gaps / l2.clamp_min(1e-30)).masked_fill(is_true, math.inf).amin(1)
+    runner_up = logits.masked_fill(is_true, -math.inf).argmax(1)
+    g_true, g_other = grads[index, y], grads[index, runner_up]
+    cosine = F.cosine_similarity(g_true, g_other, dim=1, eps=1e-30)
+    return {"eps_l_linf": eps_linf.double().cpu().numpy(), "eps_l_l2": eps_l2.double().cpu().numpy(),
+            "logit_gap": gaps[index, runner_up].double().cpu().numpy(),
+            "grad_gap_l1": l1[index, runner_up].double().cpu().numpy(), "cosine": cosine.double().cpu().numpy()}
+
+
+class _TracedGradients:
+    """Wraps an attack's `gradient` method to record the mean L1 norm of every gradient it takes."""
+
+    def __init__(self, attack: ProjectedGradientDescent):
+        self.norms: list[float] = []
+        original = attack.gradient
+
+        def traced(model, x_adv, y, generator):
+            grad = original(model, x_adv, y, generator)
+            self.norms.append(float(grad.flatten(1).abs().sum(1).mean()))
+            return grad
+
+        attack.gradient = traced
+
+
+def probe_gradient_trace(model, x, y, *, generator, steps: int, eps: float, sigma: float, draws: int) -> dict[str, np.ndarray]:
+    """PGD-Linf and S-O-Linf from the same random start: mean gradient norm per iteration and who survives."""
+    out = {}
+    for name, attack in (("pgd", ProjectedGradientDescent("pgd-linf", Norm.LINF, steps=steps)),
+                         ("so", SecondOrderAttack("so-linf", Norm.LINF, steps=steps, sigma=sigma, draws=draws))):
+        trace = _TracedGradients(attack)
+        start = torch.Generator().manual_seed(int(torch.randint(0, 2**31 - 1, (1,), generator=generator)))
+        x_adv = attack(model, x, y, eps=eps, generator=start)
+        with torch.no_grad():
+            out[f"{name}_correct"] = ((model(x_adv).argmax(1) == y) & (model(x).argmax(1) == y)).to(torch.uint8).cpu().numpy()
+        out[f"{name}_grad_l1"] = np.asarray(trace.norms, dtype=np.float64)  # S-O: the norm of the averaged gradient
+    return out
+
+
+def probe_landscape(model, x, y, *, generator, grid: int, radius: float) -> dict[str, np.ndarray]:
+    """Cross-entropy on a grid x + a u + b v, a, b in [-radius, radius], per image: u, v random sign directions
+    ('random'), and u = sign(grad) with v random, a >= 0 only ('adversarial', rows run from 0 to radius)."""
+    u = torch.randn(x.shape, generator=generator).sign().to(x.device, x.dtype)
+    v = torch.randn(x.shape, generator=generator).sign().to(x.device, x.dtype)
+    g = _input_gradient(model, x, lambda z: F.cross_entropy(z, y, reduction="none")).sign()
+    axis = torch.linspace(-radius, radius, grid)
+    half = torch.linspace(0, radius, grid)
+
+    def surface(first, second, first_axis):
+        rows = []
+        with torch.no_grad():
+            for a in first_axis:
+                points = torch.stack([(x + float(a) * first + float(b) * second).clamp(0, 1) for b in axis], 1)
+                loss = F.cross_entropy(model(points.flatten(0, 1)), y.repeat_interleave(grid), reduction="none")
+                rows.append(loss.view(len(x), grid))
+        return torch.stack(rows, 1).double().cpu().numpy()  # (N, first, second)
+
+    return {"axis": axis.double().numpy(), "random": surface(u, v, axis), "adversarial": surface(g, v, half)}
+
+
+PROBES = {
+    "input-gradients": probe_input_gradients,
+    "output-stats": probe_output_stats,
+    "fgsm-line": probe_fgsm_line,
+    "linearization": probe_linearization,
+    "gradient-trace": probe_gradient_trace,
+    "landscape": probe_landscape,
+}
