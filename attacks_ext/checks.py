@@ -304,8 +304,9 @@ class _Sweep(Check):
     def plot(self, evidences, path):
         plt = _pyplot()
         fig, axis = _figure(plt)
-        drawn = False
+        drawn, eps = False, math.nan
         for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
+            eps = _default_eps(evidence.context, self.norm, self.eps_option)
             curve = self._curve(evidence)
             if curve:
                 axis.plot(*zip(*curve), marker="o", color=color, linestyle=style, label=name)
@@ -313,7 +314,7 @@ class _Sweep(Check):
         axis.set_xscale("log", base=2)
         axis.set_ylim(-2, 102)
         return _finish(fig, axis, path, xlabel=self.x_label, ylabel="robust accuracy (%)", drawn=drawn,
-                       title=f"{self.title}: {self.attack} at {self.norm.symbol} eps {self._eps_label}")
+                       title=f"{self.title}: {self.attack} at {self.norm.symbol} eps {eps:g}")
 
 
 @CHECKS.register("restart-sweep")
@@ -329,11 +330,9 @@ class RestartSweep(_Sweep):
         self.examples, self.attack, self.eps_option = _count(examples, "examples"), attack, eps
         self.norm = _attack_norm(attack, {"steps": self.steps})
         self.warn_drop = _number(warn_drop, "warn_drop (points)")
-        self._eps_label = "(rank eps)" if eps is None else f"{eps:g}"
 
     def requests(self, context):
         eps = _default_eps(context, self.norm, self.eps_option)
-        self._eps_label = f"{eps:g}"
         return tuple(AttackRequest(f"restart {r + 1}", self.attack, (("steps", self.steps),), eps, self.examples, restart=r)
                      for r in range(self.restarts))
 
@@ -361,11 +360,9 @@ class StepSweep(_Sweep):
         self.examples, self.attack, self.eps_option = _count(examples, "examples"), attack, eps
         self.norm = _attack_norm(attack, {"steps": self.steps[0]})
         self.warn_drop = _number(warn_drop, "warn_drop (points)")
-        self._eps_label = "(rank eps)" if eps is None else f"{eps:g}"
 
     def requests(self, context):
         eps = _default_eps(context, self.norm, self.eps_option)
-        self._eps_label = f"{eps:g}"
         return tuple(AttackRequest(f"steps {s}", self.attack, (("steps", s),), eps, self.examples) for s in self.steps)
 
     def _curve(self, evidence):
@@ -393,8 +390,8 @@ class GradientFreeVsWhiteBox(Check):
         self.warn, self.fail = _thresholds(warn_share, fail_share, "% of examples")
 
     def requests(self, context):
-        self.eps = _default_eps(context, self.norm, self.eps_option)
-        return (AttackRequest("gradient-free", self.attack, (("queries", self.queries),), self.eps, self.examples),)
+        eps = _default_eps(context, self.norm, self.eps_option)
+        return (AttackRequest("gradient-free", self.attack, (("queries", self.queries),), eps, self.examples),)
 
     def evaluate(self, evidence):
         eps = _default_eps(evidence.context, self.norm, self.eps_option)
