@@ -59,6 +59,7 @@ class AttackRequest:
     eps: float
     examples: int
     restart: int = 0  # independent repetitions of the same attack get their own cell (and seed)
+    source: str | None = None  # a defense of the benchmark to craft on (a transfer attack); None: the target itself
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,7 @@ class Context:
     grid: dict  # Norm -> eps tuple
     rank_by: tuple[Norm, float]
     eval_examples: int
+    defenses: tuple[str, ...] = ()  # the benchmark's defense names (transfer sources)
 
 
 @dataclass(frozen=True)
@@ -372,12 +374,40 @@ class StepSweep(_Sweep):
         return [(s, accuracy(r)) for s, r in zip(self.steps, records)]
 
 
+class _BeatsWhiteBox(Check):
+    """Shared by the gradient-free and transfer checks: a weaker attack must not break examples that every
+    white-box column of the matrix left standing at the same eps."""
+
+    kind = ""  # how the weaker attack is described in figures and reasons
+
+    def _compare(self, evidence, record: CellRecord | None, label: str) -> Verdict:
+        eps = _default_eps(evidence.context, self.norm, self.eps_option)
+        white = evidence.white_box(self.norm, eps)
+        if record is None:
+            return _missing(self.id, f"{label} cell")
+        if not white:
+            return Verdict(self.id, None, "", f"no complete white-box columns at {self.norm.symbol} {eps:g} to compare with")
+        n = len(record.robust_correct)
+        survived_white = np.logical_and.reduce([r.robust_correct[:n] for _, r in white])
+        only_weaker = 100 * float((survived_white & ~record.robust_correct).mean())
+        status = _grade(only_weaker, self.warn, self.fail)
+        figure = (f"{label} {accuracy(record):.1f}% vs white-box {100 * survived_white.mean():.1f}% at "
+                  f"{self.norm.symbol} {eps:g}; {only_weaker:.1f}% of examples broken only by {label}")
+        reason = (f"the {self.kind} attack finds nothing the white-box attacks missed" if only_weaker == 0 else
+                  f"{only_weaker:.1f}% of examples fall only to the {self.kind} attack"
+                  + (" (within tolerance)" if status is Status.PASS else
+                     ": white-box gradients are masked or the white-box attacks are too weak"))
+        return self._verdict(status, figure, reason, **{self.title.split(" vs ")[0]: accuracy(record),
+                                                         "White-box": 100 * float(survived_white.mean()),
+                                                         f"Only {self.kind}": only_weaker})
+
+
 @CHECKS.register("gradient-free")
-class GradientFreeVsWhiteBox(Check):
+class GradientFreeVsWhiteBox(_BeatsWhiteBox):
     """A gradient-free attack (Square) must not beat the white-box ones (Carlini et al. 2019): examples that only
     the gradient-free attack breaks mean the white-box gradients are masked."""
 
-    id, title = "gradient-free", "Gradient-free vs white-box"
+    id, title, kind = "gradient-free", "Gradient-free vs white-box", "gradient-free"
 
     def __init__(self, *, attack: str = "ta-square", queries: int = 1000, eps: float | None = None,
                  examples: int = 100, warn_share: float = 2.0, fail_share: float = 10.0):
@@ -394,26 +424,37 @@ class GradientFreeVsWhiteBox(Check):
         return (AttackRequest("gradient-free", self.attack, (("queries", self.queries),), eps, self.examples),)
 
     def evaluate(self, evidence):
-        eps = _default_eps(evidence.context, self.norm, self.eps_option)
-        free = evidence.requested.get("gradient-free")
-        white = evidence.white_box(self.norm, eps)
-        if free is None:
-            return _missing(self.id, f"{self.attack} cell")
-        if not white:
-            return Verdict(self.id, None, "", f"no complete white-box columns at {self.norm.symbol} {eps:g} to compare with")
-        n = len(free.robust_correct)
-        survived_white = np.logical_and.reduce([r.robust_correct[:n] for _, r in white])
-        only_free = 100 * float((survived_white & ~free.robust_correct).mean())
-        status = _grade(only_free, self.warn, self.fail)
-        figure = (f"{self.attack} {accuracy(free):.1f}% vs white-box {100 * survived_white.mean():.1f}% at "
-                  f"{self.norm.symbol} {eps:g}; {only_free:.1f}% of examples broken only by {self.attack}")
-        reason = ("the gradient-free attack finds nothing the white-box attacks missed" if only_free == 0 else
-                  f"{only_free:.1f}% of examples fall only to the gradient-free attack"
-                  + (" (within tolerance)" if status is Status.PASS else
-                     ": white-box gradients are masked or the white-box attacks are too weak"))
-        return self._verdict(status, figure, reason, **{"Gradient-free": accuracy(free),
-                                                         "White-box": 100 * float(survived_white.mean()),
-                                                         "Only gradient-free": only_free})
+        return self._compare(evidence, evidence.requested.get("gradient-free"), self.attack)
+
+
+@CHECKS.register("transfer")
+class TransferVsWhiteBox(_BeatsWhiteBox):
+    """A transfer attack (Shafahi et al.'s black-box setting: PGD crafted on a separate source model) must not
+    beat the white-box ones: examples that only the transferred examples break mean the target's own
+    gradients are masked."""
+
+    id, title, kind = "transfer", "Transfer vs white-box", "transfer"
+
+    def __init__(self, *, source: str = "natural", attack: str = "pgd-linf", steps: int = 7, eps: float | None = None,
+                 examples: int = 100, warn_share: float = 2.0, fail_share: float = 10.0):
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"source must name a defense of the benchmark, got {source!r}")
+        self.source, self.attack, self.steps = source, attack, _count(steps, "steps")
+        self.examples, self.eps_option = _count(examples, "examples"), eps
+        built = ATTACKS.get(attack)(steps=self.steps)
+        if built.family not in ("one-step", "iterative"):
+            raise ValueError(f"attack {attack!r} is {built.family}; a transfer attack needs the source's gradients")
+        self.norm = built.norm
+        self.warn, self.fail = _thresholds(warn_share, fail_share, "% of examples")
+
+    def requests(self, context):
+        if context.defenses and self.source not in context.defenses:
+            raise ValueError(f"source {self.source!r} is not a defense of this benchmark; defenses: {', '.join(context.defenses)}")
+        eps = _default_eps(context, self.norm, self.eps_option)
+        return (AttackRequest("transfer", self.attack, (("steps", self.steps),), eps, self.examples, source=self.source),)
+
+    def evaluate(self, evidence):
+        return self._compare(evidence, evidence.requested.get("transfer"), f"{self.attack}-{self.steps} from {self.source}")
 
 
 # --- checks on the matrix's own cells --------------------------------------------------------------------

@@ -149,6 +149,7 @@ class Cell:
     probe: ProbeRequest | None = None
     check: str | None = None  # the sanity check that asked for this cell; None: a cell of the matrix itself
     request: str | None = None  # the check's name for it
+    source: str | None = None  # transfer: the defense whose model crafts the examples; None: the target itself
 
     @property
     def label(self) -> str:
@@ -166,7 +167,7 @@ class Cell:
 
 def _cell(spec: BenchmarkSpec, data: Dataset, defense: str, model_key: str, attack: AttackSpec | None, eps: float, *,
           examples: int | None = None, restart: int = 0, probe: ProbeRequest | None = None, check: str | None = None,
-          request: str | None = None) -> Cell:
+          request: str | None = None, source: tuple[str, str] | None = None) -> Cell:
     """A cell keyed by everything that decides its outcome (and nothing that does not: the check that asked
     for it is not part of its identity, so identical requests share one cell)."""
     examples = spec.eval_examples if examples is None else examples
@@ -181,8 +182,11 @@ def _cell(spec: BenchmarkSpec, data: Dataset, defense: str, model_key: str, atta
         identity["restart"] = restart
     if probe is not None:
         identity["probe"] = [probe.probe_id, [list(o) for o in probe.options]]
+    if source is not None:  # (defense name, model key): the crafting model is part of the identity
+        identity["source"] = source[1]
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return Cell(key, defense, model_key, attack, eps, int(key[:8], 16), examples, probe, check, request)
+    return Cell(key, defense, model_key, attack, eps, int(key[:8], 16), examples, probe, check, request,
+                None if source is None else source[0])
 
 
 def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
@@ -205,8 +209,9 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                     continue
                 attack_spec = AttackSpec(f"{check_id}: {request.name}", request.attack_id, tuple(sorted(request.options)),
                                          ATTACKS.get(request.attack_id)(**dict(request.options)).norm, (request.eps,))
+                source = None if request.source is None else (request.source, keys[request.source])
                 cells.append(_cell(spec, data, defense.name, model_key, attack_spec, request.eps,
-                                   restart=request.restart, **common))
+                                   restart=request.restart, source=source, **common))
     return cells
 
 
@@ -236,12 +241,14 @@ def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch
 
 
 def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-                  device: torch.device) -> CellOutcome:
-    """Attack `model` on (x, y) batch by batch; every adversarial batch must pass the threat model."""
+                  device: torch.device, source_model: torch.nn.Module | None = None) -> CellOutcome:
+    """Attack `model` on (x, y) batch by batch; every adversarial batch must pass the threat model.
+    With `source_model` the examples are crafted on it and transferred to `model` (a black-box attack);
+    the cost counted is then the source's."""
     if cell.probe is not None:
         return evaluate_probe(cell, model, x, y, device=device)
     attack = None if cell.attack is None else cell.attack.build()
-    counter = EvaluationCounter(model)
+    counter = EvaluationCounter(model if source_model is None else source_model)
     generator = torch.Generator().manual_seed(cell.seed)
     clean_parts, adv_parts, seconds = [], [], 0.0
     for begin in range(0, len(x), batch_size):
@@ -276,11 +283,16 @@ class CellRunner:
         self.y = data.y_test[: spec.eval_examples]
         self._models: dict[str, torch.nn.Module] = {}
 
+    def model(self, defense: str) -> torch.nn.Module:
+        prepared = self.defenses[defense]
+        if prepared.key not in self._models:
+            self._models[prepared.key] = prepared.load_model(self.data, self.device)
+        return self._models[prepared.key]
+
     def __call__(self, cell: Cell) -> CellOutcome:
-        if cell.defense_key not in self._models:
-            self._models[cell.defense_key] = self.defenses[cell.defense].load_model(self.data, self.device)
-        return evaluate_cell(cell, self._models[cell.defense_key], self.x[: cell.examples], self.y[: cell.examples],
-                             batch_size=self.batch_size, device=self.device)
+        return evaluate_cell(cell, self.model(cell.defense), self.x[: cell.examples], self.y[: cell.examples],
+                             batch_size=self.batch_size, device=self.device,
+                             source_model=None if cell.source is None else self.model(cell.source))
 
 
 class SequentialExecutor:
@@ -340,7 +352,7 @@ def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: tor
             store.write_defense(prepared[name].key, name, defense.kind, describe_defense(defense), prepared[name].training)
         return prepared[name]
 
-    for name in dict.fromkeys(cell.defense for cell in todo):
+    for name in dict.fromkeys(name for cell in todo for name in (cell.defense, cell.source) if name is not None):
         prepare(name)
     runner = CellRunner(spec, data, prepared, device)
     versions, commit = library_versions(), code_commit()

@@ -302,7 +302,9 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
               "Seconds are wall time on the machine that produced this file; model evaluations (examples sent "
               "forward, examples whose input gradient was taken) are exact and portable.", "",
               _markdown(costs, digits=1), "",
-              f"Whole evaluation: {total_fwd:,} forward and {total_grad:,} gradient evaluations.", "",
+              f"Whole evaluation: {total_fwd:,} forward and {total_grad:,} gradient evaluations"
+              + (f"; sanity checks: {int(costs['Sanity fwd'].sum()):,} forward and {int(costs['Sanity grad'].sum()):,} "
+                 "gradient evaluations." if "Sanity fwd" in costs else "."), "",
               f"Libraries: {versions}.", ""]
     return "\n".join(lines)
 

@@ -101,7 +101,8 @@ class BenchmarkSpec:
     def check_context(self):
         from attacks_ext.checks import Context
 
-        return Context(grid=dict(self.eps), rank_by=self.rank_by, eval_examples=self.eval_examples)
+        return Context(grid=dict(self.eps), rank_by=self.rank_by, eval_examples=self.eval_examples,
+                       defenses=tuple(d.name for d in self.defenses))
 
 
 BENCHMARK_KEYS = {"name", "dataset", "dataset_options", "seed", "eval_examples", "batch_size", "rank_by"}
@@ -329,7 +330,8 @@ def load(path: str | Path) -> BenchmarkSpec:
     eval_examples = _positive_int(path, "benchmark.eval_examples", bench.get("eval_examples", 1000))
     from attacks_ext.checks import Context
 
-    checks = _load_checks(path, raw.get("checks", {}), Context(grid, (rank_norm, float(rank_eps)), eval_examples))
+    checks = _load_checks(path, raw.get("checks", {}), Context(grid, (rank_norm, float(rank_eps)), eval_examples,
+                                                               tuple(d.name for d in defenses)))
 
     return BenchmarkSpec(
         label_leak_pairs=label_leak_pairs, checks=checks,

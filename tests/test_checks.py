@@ -31,6 +31,9 @@ examples = 40
 [checks.gradient-free]
 queries = 300
 examples = 40
+[checks.transfer]
+source = "natural"
+examples = 40
 [checks.monotone-eps]
 [checks.iterative-beats-one-step]
 [checks.zero-gradients]
@@ -121,7 +124,7 @@ def test_a_natural_model_passes_every_check(planted_board):
 @pytest.mark.slow
 @pytest.mark.parametrize("defense, check", [
     ("quantized", "zero-gradients"), ("quantized", "unbounded-eps"), ("quantized", "gradient-free"),
-    ("quantized", "loss-landscape"), ("quantized", "fgsm-direction-loss"),
+    ("quantized", "loss-landscape"), ("quantized", "fgsm-direction-loss"), ("quantized", "transfer"),
     ("randomized", "randomized-outputs"), ("softmax", "probability-outputs"),
 ])
 def test_each_planted_failure_is_flagged_by_its_check(planted_board, defense, check):
@@ -221,6 +224,7 @@ def test_a_missing_cell_gives_no_verdict_rather_than_a_pass():
     ("[checks.unbounded-eps]\neps = [300]\n", "did you mean 300/255"),
     ("[checks.restart-sweep]\nexamples = 5000\n", "asks for 5000 examples but [benchmark.eval_examples] is 100"),
     ("[checks.monotone-eps]\nwarn_rise = 6.0\n", "must not exceed the fail threshold"),
+    ("[checks.transfer]\nsource = \"natral\"\n", "source 'natral' is not a defense of this benchmark; defenses: natural"),
     ("[checks.gradient-free]\nattack = \"pgd-linf\"\n", "'pgd-linf' is iterative, not gradient-free"),
 ])
 def test_check_options_are_validated_with_the_key(tmp_path, table, message):
