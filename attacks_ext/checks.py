@@ -142,8 +142,14 @@ def _thresholds(warn: float, fail: float, unit: str) -> tuple[float, float]:
     return warn, fail
 
 
+def _above(value: float, threshold: float) -> bool:
+    """value > threshold, ignoring float noise: percentages of whole examples such as 100 * 2 / 100 must not
+    cross a threshold of 2 by rounding."""
+    return round(value, 6) > threshold
+
+
 def _grade(value: float, warn: float, fail: float) -> Status:
-    return Status.FAIL if value > fail else Status.WARN if value > warn else Status.PASS
+    return Status.FAIL if _above(value, fail) else Status.WARN if _above(value, warn) else Status.PASS
 
 
 class Check:
@@ -294,7 +300,7 @@ class _Sweep(Check):
             return _missing(self.id, "sweep cells")
         (first_x, first), (half_x, half), (last_x, last) = curve[0], curve[-2] if len(curve) > 1 else curve[0], curve[-1]
         drop = half - last
-        status = Status.WARN if drop > self.warn_drop else Status.PASS
+        status = Status.WARN if _above(drop, self.warn_drop) else Status.PASS
         figure = f"{first:.1f}% at {first_x} → {half:.1f}% at {half_x} → {last:.1f}% at {last_x} {self.x_label}"
         if status is Status.PASS:
             reason = f"going from {half_x} to {last_x} {self.x_label} changes accuracy by {drop:.1f} points (≤ {self.warn_drop:g}): converged"
@@ -552,13 +558,13 @@ class ZeroGradients(Check):
         ce = probe.measurements["ce_grad_l1"]
         zero_margin = 100 * float((margin == 0).mean())
         saturated = 100 * float(((ce == 0) & (margin != 0)).mean())
-        status = max(_grade(zero_margin, self.warn, self.fail), Status.WARN if saturated > self.warn else Status.PASS)
+        status = max(_grade(zero_margin, self.warn, self.fail), Status.WARN if _above(saturated, self.warn) else Status.PASS)
         figure = (f"{zero_margin:.1f}% zero margin gradients, {saturated:.1f}% saturated cross-entropy; "
                   f"median ‖∇CE‖₁ {np.median(ce):.2e}")
-        if zero_margin > self.warn:
+        if _above(zero_margin, self.warn):
             reason = (f"the input gradient of the logit margin is exactly zero on {zero_margin:.1f}% of clean points: "
                       "gradient attacks cannot move; use BPDA or gradient-free attacks")
-        elif saturated > self.warn:
+        elif _above(saturated, self.warn):
             reason = f"cross-entropy saturates on {saturated:.1f}% of points: attack the margin (CW) loss instead"
         else:
             reason = "input gradients are non-zero at clean points"
@@ -592,7 +598,7 @@ class RandomizedOutputs(Check):
         changed = 100 * float(probe.measurements["prediction_changed"].astype(bool).mean())
         spread = float(probe.measurements["logit_spread"].max())
         figure = f"predictions change on {changed:.1f}% of examples over {self.passes} passes; max logit spread {spread:.2e}"
-        if changed > self.fail_share:
+        if _above(changed, self.fail_share):
             return self._verdict(Status.FAIL, figure, "the model is randomized: predictions differ between identical "
                                  "forward passes; evaluate it with expectation over transformation", **{"Changed (%)": changed})
         if spread > self.tolerance:
@@ -703,7 +709,7 @@ class LinearizedRobustness(Check):
 
     id, title = "linearized-robustness", "Linearized robustness"
 
-    def __init__(self, *, examples: int | None = None, warn_excess: float = 30.0):
+    def __init__(self, *, examples: int | None = None, warn_excess: float = 20.0):
         self.examples = None if examples is None else _count(examples, "examples")
         self.warn_excess = _number(warn_excess, "warn_excess (points)")
 
@@ -733,7 +739,7 @@ class LinearizedRobustness(Check):
             return Verdict(self.id, None, "", "no complete matrix column to compare the prediction with")
         norm, eps, predicted, empirical = max(rows, key=lambda r: r[3] - r[2])
         excess = empirical - predicted
-        status = Status.WARN if excess > self.warn_excess else Status.PASS
+        status = Status.WARN if _above(excess, self.warn_excess) else Status.PASS
         figure = f"largest excess at {norm.symbol} {eps:g}: empirical {empirical:.1f}% vs linear {predicted:.1f}%"
         reason = (f"empirical robust accuracy stays within {self.warn_excess:g} points of the linear prediction"
                   if status is Status.PASS else
@@ -793,7 +799,7 @@ class GradientNormTrace(Check):
         pgd, so = 100 * float(m["pgd_correct"].mean()), 100 * float(m["so_correct"].mean())
         figure = (f"PGD-{self.steps} {pgd:.1f}%, S-O {so:.1f}%; mean ‖∇‖₁ {m['pgd_grad_l1'][0]:.3g} → "
                   f"{m['pgd_grad_l1'][-1]:.3g} along PGD")
-        status = Status.WARN if pgd - so > self.warn_margin else Status.PASS
+        status = Status.WARN if _above(pgd - so, self.warn_margin) else Status.PASS
         reason = ("the second-order attack finds nothing PGD misses" if pgd - so <= 0 else
                   f"S-O beats PGD by {pgd - so:.1f} points"
                   + (" (within tolerance)" if status is Status.PASS else
