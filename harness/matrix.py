@@ -200,7 +200,8 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
         model_key = keys[defense.name]
         points = [(None, 0.0)] + [(attack, eps) for attack in spec.attacks for eps in attack.eps]
         for attack, eps in points:
-            cells.append(_cell(spec, data, defense.name, model_key, attack, eps))
+            source = None if attack is None or attack.source is None else (attack.source, keys[attack.source])
+            cells.append(_cell(spec, data, defense.name, model_key, attack, eps, source=source))
         for check_id, check in checks:
             for request in check.requests(context):
                 common = dict(examples=request.examples, check=check_id, request=request.name)

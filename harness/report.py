@@ -61,7 +61,7 @@ def defense_anchor(name: str) -> str:
 def gather_evidence(spec: BenchmarkSpec, cells: list[Cell], records: dict[str, CellRecord]) -> dict[str, dict[str, Evidence]]:
     """Per check and defense: the matrix's cells of that defense and the cells the check asked for."""
     context = spec.check_context()
-    columns = {a.label: Column(a.label, a.norm, a.build().family, a.eps) for a in spec.attacks}
+    columns = {a.label: Column(a.label, a.norm, a.family, a.eps) for a in spec.attacks}
     matrix: dict[str, dict] = {}
     requested: dict[tuple[str, str], dict] = {}
     for cell in cells:
@@ -281,7 +281,8 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
     lines += [f"![worst-case accuracy vs eps]({figure})", ""]
     lines += ["## Attacks", ""]
     attacks = pd.DataFrame([
-        {"Column": a.label, "Attack": a.attack_id, "Options": ", ".join(f"{k}={v}" for k, v in a.options) or "defaults",
+        {"Column": a.label, "Attack": a.attack_id + ("" if a.source is None else f" (transfer from {a.source})"),
+         "Options": ", ".join(f"{k}={v}" for k, v in a.options) or "defaults",
          "Norm": a.norm.symbol, "eps": ", ".join(f"{e:g}" for e in a.eps)} for a in spec.attacks
     ])
     lines += [_markdown(attacks), ""]

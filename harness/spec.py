@@ -6,7 +6,8 @@ Every error names the file and the TOML key that is wrong, and what is allowed t
     [eps]         linf = [...], l2 = [...]            the eps grid per norm, in [0, 1] input units
     [defenses.ID] recipe = "<DEFENSES id>" + recipe options        (trained in-house)
                   or factory = "pkg.module:function", weights = "file.safetensors", options = {...}
-    [attacks.ID]  attack = "<ATTACKS id>" + the attack's options, optional eps = [...] (a subset of the grid)
+    [attacks.ID]  attack = "<ATTACKS id>" + the attack's options, optional eps = [...] (a subset of the grid),
+                  optional source = "<defense>" (a transfer column: crafted on that defense's model)
     [checks.ID]   a sanity check by its CHECKS id + the check's options (`python -m harness list checks`)
     [label_leak]  pairs = [["<true-label column>", "<label-free twin column>"], ...]
 """
@@ -63,6 +64,12 @@ class AttackSpec:
     options: tuple[tuple[str, object], ...]
     norm: Norm
     eps: tuple[float, ...]
+    source: str | None = None  # a transfer (black-box) column: examples crafted on this defense's model
+
+    @property
+    def family(self) -> str:
+        """The attack's family; 'transfer' for a column crafted on another model."""
+        return "transfer" if self.source is not None else self.build().family
 
     def build(self) -> Attack:
         return ATTACKS.get(self.attack_id)(**dict(self.options))
@@ -200,7 +207,8 @@ def _check_ensemble_sources(path, defenses: tuple[DefenseSpec, ...]) -> None:
         visit(name, ())
 
 
-def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ...]]) -> AttackSpec:
+def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ...]],
+                 defenses: tuple[DefenseSpec, ...] = ()) -> AttackSpec:
     key = f"attacks.{label}"
     if not isinstance(table, dict) or "attack" not in table:
         _fail(path, key, "needs attack = '<attack id>' (see `python -m harness list attacks`)")
@@ -209,17 +217,24 @@ def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ..
         factory = ATTACKS.get(attack_id)
     except KeyError as error:
         _fail(path, f"{key}.attack", str(error))
-    options = {k: v for k, v in table.items() if k not in ("attack", "eps")}
+    options = {k: v for k, v in table.items() if k not in ("attack", "eps", "source")}
     _check_options(path, key, attack_id, factory, options)
     try:
         attack = factory(**options)
     except (TypeError, ValueError) as error:
         _fail(path, key, str(error))
+    source = table.get("source")
+    if source is not None:
+        names = [d.name for d in defenses]
+        if source not in names:
+            _fail(path, f"{key}.source", f"{source!r} is not a defense of this benchmark; defenses: {', '.join(names)}")
+        if attack.family not in ("one-step", "iterative"):
+            _fail(path, f"{key}.source", f"{attack_id} is {attack.family}; a transfer attack needs the source's gradients")
     norm = attack.norm
     if norm not in grid:
         _fail(path, key, f"{attack_id} is a {norm.value} attack but [eps] has no {norm.value} grid")
     eps = _eps_list(path, f"{key}.eps", table["eps"], norm) if "eps" in table else grid[norm]
-    return AttackSpec(label, attack_id, tuple(sorted(options.items())), norm, eps)
+    return AttackSpec(label, attack_id, tuple(sorted(options.items())), norm, eps, source)
 
 
 def _load_label_leak(path, table: dict, attacks: tuple[AttackSpec, ...]) -> tuple[tuple[str, str], ...]:
@@ -309,7 +324,7 @@ def load(path: str | Path) -> BenchmarkSpec:
     _check_ensemble_sources(path, defenses)
     if not isinstance(raw["attacks"], dict) or not raw["attacks"]:
         _fail(path, "attacks", "needs at least one [attacks.NAME] table")
-    attacks = tuple(_load_attack(path, label, table, grid) for label, table in raw["attacks"].items())
+    attacks = tuple(_load_attack(path, label, table, grid, defenses) for label, table in raw["attacks"].items())
 
     rank_norm, rank_eps = next(iter(grid.items()))[0], None
     if "rank_by" in bench:

@@ -88,6 +88,11 @@ attack = "fgsm"
 [attacks.pgd]
 attack = "pgd-linf"
 steps = 20
+
+[attacks.transfer]            # a black-box column: PGD-7 crafted on the natural model
+attack = "pgd-linf"
+steps = 7
+source = "natural"
 """ + CHECKS
 
 
@@ -168,6 +173,19 @@ def test_failing_defenses_rank_below_every_passing_one(planted_board):
     assert (folder / "out" / "figures" / "planted-sanity-unbounded-eps.png").stat().st_size > 1000
 
 
+@pytest.mark.slow
+def test_a_transfer_column_crafts_on_its_source_and_is_not_white_box(planted_board):
+    board, _, _ = planted_board
+    linf = board.details[Norm.LINF].set_index("Defense")
+    # the same weights behind a zero gradient: PGD on the target cannot move, PGD on the source transfers
+    assert linf.loc["quantized", "transfer @ L∞ 0.1"] < linf.loc["quantized", "pgd @ L∞ 0.1"] - 3
+    # on its own source the transfer column is white-box PGD-7
+    assert linf.loc["natural", "transfer @ L∞ 0.1"] <= linf.loc["natural", "fgsm @ L∞ 0.1"]
+    evidence = board.evidence["gradient-free"]["quantized"]
+    assert evidence.columns["transfer"].family == "transfer"
+    assert [label for label, _ in evidence.white_box(Norm.LINF, 0.1)] == ["fgsm", "pgd"]
+
+
 # --- pure functions on hand-made evidence ------------------------------------------------------------------
 
 def record(correct, name="x") -> CellRecord:
@@ -225,6 +243,8 @@ def test_a_missing_cell_gives_no_verdict_rather_than_a_pass():
     ("[checks.restart-sweep]\nexamples = 5000\n", "asks for 5000 examples but [benchmark.eval_examples] is 100"),
     ("[checks.monotone-eps]\nwarn_rise = 6.0\n", "must not exceed the fail threshold"),
     ("[checks.transfer]\nsource = \"natral\"\n", "source 'natral' is not a defense of this benchmark; defenses: natural"),
+    ("[attacks.t]\nattack = \"fgsm\"\nsource = \"natral\"\n", "[attacks.t.source] 'natral' is not a defense of this benchmark"),
+    ("[attacks.t]\nattack = \"ta-square\"\nsource = \"natural\"\n", "ta-square is gradient-free; a transfer attack needs"),
     ("[checks.gradient-free]\nattack = \"pgd-linf\"\n", "'pgd-linf' is iterative, not gradient-free"),
 ])
 def test_check_options_are_validated_with_the_key(tmp_path, table, message):
