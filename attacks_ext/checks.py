@@ -21,6 +21,7 @@ from torch import nn
 from attacks_ext.base import check_eps
 from attacks_ext.pgd import ProjectedGradientDescent, project
 from attacks_ext.second_order import SecondOrderAttack
+from harness.figures import pyplot, save_figure
 from harness.registry import ATTACKS, CHECKS
 from harness.store import CellRecord
 from harness.threat import Norm
@@ -113,11 +114,6 @@ class Evidence:
         return [] if any(r is None for _, r in cells) else cells
 
 
-def accuracy(record: CellRecord) -> float:
-    """Robust accuracy in %: correct on the clean input and on the attacked one."""
-    return 100 * float(record.robust_correct.mean())
-
-
 def _missing(check: str, what: str) -> Verdict:
     return Verdict(check, None, "", f"not run yet: {what} missing from the store")
 
@@ -191,25 +187,9 @@ def _default_eps(context: Context, norm: Norm, eps: float | None) -> float:
     return max(context.grid[norm])
 
 
-def _figure(plt, width=6.5, height=4.0):
-    return plt.subplots(figsize=(width, height))
-
-
-def _pyplot():
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    return plt
-
-
 def _save(fig, path) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
     fig.tight_layout()
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    fig.clf()
-    _pyplot().close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def _finish(fig, axis, path, *, xlabel: str, ylabel: str, title: str, drawn: bool, log_y: bool = False) -> bool:
@@ -228,7 +208,7 @@ def _finish(fig, axis, path, *, xlabel: str, ylabel: str, title: str, drawn: boo
 
 def _line_styles(count: int):
     """Distinct (colour, line style) pairs for more defenses than one colour cycle has."""
-    colors = _pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
+    colors = pyplot().rcParams["axes.prop_cycle"].by_key()["color"]
     return [(colors[i % len(colors)], ("-", "--", ":")[i // len(colors) % 3]) for i in range(count)]
 
 
@@ -258,7 +238,7 @@ class UnboundedEps(Check):
         records = [evidence.requested.get(f"eps={e:g}") for e in self.eps]
         if any(r is None for r in records):
             return _missing(self.id, "unbounded-eps cells")
-        accs = [accuracy(r) for r in records]
+        accs = [r.robust_accuracy for r in records]
         top, eps = accs[-1], self.eps[-1]
         status = _grade(top, self.warn, self.fail)
         figure = f"{top:.1f}% at {self.norm.symbol} eps {eps:g} ({self.attack}, {self.steps} steps)"
@@ -270,8 +250,8 @@ class UnboundedEps(Check):
         return self._verdict(status, figure, reason, **{f"{self.norm.symbol} {e:g}": a for e, a in zip(self.eps, accs)})
 
     def plot(self, evidences, path):
-        plt = _pyplot()
-        fig, axis = _figure(plt)
+        plt = pyplot()
+        fig, axis = plt.subplots(figsize=(6.5, 4.0))
         drawn = False
         for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
             verdict = self.evaluate(evidence)
@@ -310,8 +290,8 @@ class _Sweep(Check):
         return self._verdict(status, figure, reason, **{f"{x} {self.x_label}": a for x, a in curve})
 
     def plot(self, evidences, path):
-        plt = _pyplot()
-        fig, axis = _figure(plt)
+        plt = pyplot()
+        fig, axis = plt.subplots(figsize=(6.5, 4.0))
         drawn, eps = False, math.nan
         for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
             eps = _default_eps(evidence.context, self.norm, self.eps_option)
@@ -377,7 +357,7 @@ class StepSweep(_Sweep):
         records = [evidence.requested.get(f"steps {s}") for s in self.steps]
         if any(r is None for r in records):
             return None
-        return [(s, accuracy(r)) for s, r in zip(self.steps, records)]
+        return [(s, r.robust_accuracy) for s, r in zip(self.steps, records)]
 
 
 class _BeatsWhiteBox(Check):
@@ -397,13 +377,13 @@ class _BeatsWhiteBox(Check):
         survived_white = np.logical_and.reduce([r.robust_correct[:n] for _, r in white])
         only_weaker = 100 * float((survived_white & ~record.robust_correct).mean())
         status = _grade(only_weaker, self.warn, self.fail)
-        figure = (f"{label} {accuracy(record):.1f}% vs white-box {100 * survived_white.mean():.1f}% at "
+        figure = (f"{label} {record.robust_accuracy:.1f}% vs white-box {100 * survived_white.mean():.1f}% at "
                   f"{self.norm.symbol} {eps:g}; {only_weaker:.1f}% of examples broken only by {label}")
         reason = (f"the {self.kind} attack finds nothing the white-box attacks missed" if only_weaker == 0 else
                   f"{only_weaker:.1f}% of examples fall only to the {self.kind} attack"
                   + (" (within tolerance)" if status is Status.PASS else
                      ": white-box gradients are masked or the white-box attacks are too weak"))
-        return self._verdict(status, figure, reason, **{self.title.split(" vs ")[0]: accuracy(record),
+        return self._verdict(status, figure, reason, **{self.kind.capitalize(): record.robust_accuracy,
                                                          "White-box": 100 * float(survived_white.mean()),
                                                          f"Only {self.kind}": only_weaker})
 
@@ -418,10 +398,9 @@ class GradientFreeVsWhiteBox(_BeatsWhiteBox):
     def __init__(self, *, attack: str = "ta-square", queries: int = 1000, eps: float | None = None,
                  examples: int = 100, warn_share: float = 2.0, fail_share: float = 10.0):
         self.attack, self.queries, self.examples = attack, _count(queries, "queries"), _count(examples, "examples")
-        family = ATTACKS.get(attack)().family
-        if family != "gradient-free":
-            raise ValueError(f"attack {attack!r} is {family}, not gradient-free, which this check needs")
-        built = ATTACKS.get(attack)(queries=self.queries)
+        built = ATTACKS.get(attack)()  # family and norm do not depend on the query budget
+        if built.family != "gradient-free":
+            raise ValueError(f"attack {attack!r} is {built.family}, not gradient-free, which this check needs")
         self.norm, self.eps_option = built.norm, eps
         self.warn, self.fail = _thresholds(warn_share, fail_share, "% of examples")
 
@@ -482,7 +461,7 @@ class MonotoneInEps(Check):
             if len(records) < 2 or any(r is None for r in records):
                 continue
             compared += 1
-            accs = [accuracy(r) for r in records]
+            accs = [r.robust_accuracy for r in records]
             for e0, a0, e1, a1 in zip(column.eps, accs, column.eps[1:], accs[1:]):
                 if a1 - a0 > rise:
                     rise, where = a1 - a0, f"{column.label} {e0:g} → {e1:g}: {a0:.1f}% → {a1:.1f}%"
@@ -516,7 +495,7 @@ class IterativeBeatsOneStep(Check):
             for column in evidence.columns.values():
                 record = evidence.matrix.get((column.label, eps)) if column.norm is norm and eps in column.eps else None
                 if record is not None and column.family in ("one-step", "iterative"):
-                    by_family.setdefault(column.family, []).append((accuracy(record), column.label))
+                    by_family.setdefault(column.family, []).append((record.robust_accuracy, column.label))
             if len(by_family) < 2:
                 continue
             compared += 1
@@ -688,8 +667,8 @@ class FgsmDirectionLoss(Check):
                                                         f"Mean loss at {eps[-1]:g}": f"{mean[-1]:.3g}"})
 
     def plot(self, evidences, path):
-        plt = _pyplot()
-        fig, axis = _figure(plt)
+        plt = pyplot()
+        fig, axis = plt.subplots(figsize=(6.5, 4.0))
         drawn = False
         for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
             probe = evidence.requested.get("fgsm-line")
@@ -750,7 +729,7 @@ class LinearizedRobustness(Check):
         return self._verdict(status, figure, reason, **details)
 
     def plot(self, evidences, path):
-        plt = _pyplot()
+        plt = pyplot()
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
         drawn = False
         for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
@@ -807,8 +786,8 @@ class GradientNormTrace(Check):
         return self._verdict(status, figure, reason, **{"PGD (%)": pgd, "S-O (%)": so})
 
     def plot(self, evidences, path):
-        plt = _pyplot()
-        fig, axis = _figure(plt, 7, 4.2)
+        plt = pyplot()
+        fig, axis = plt.subplots(figsize=(7, 4.2))
         drawn = False
         for (name, evidence), (color, _) in zip(evidences.items(), _line_styles(len(evidences))):
             probe = evidence.requested.get("trace")
@@ -861,7 +840,7 @@ class LossLandscape(Check):
         return self._verdict(status, figure, reason, **{"Gradient weaker (%)": weaker})
 
     def plot(self, evidences, path):
-        plt = _pyplot()
+        plt = pyplot()
         shown = [(name, e.requested.get("landscape")) for name, e in evidences.items() if e.requested.get("landscape") is not None]
         if not shown:
             return False

@@ -16,9 +16,10 @@ import numpy as np
 import pandas as pd
 
 from harness.data import Dataset
+from harness.figures import pyplot, save_figure
 from harness.matrix import CLEAN, Cell, code_commit, library_versions, plan
 from harness.spec import BenchmarkSpec
-from attacks_ext.checks import Column, Evidence, Status, Verdict
+from attacks_ext.checks import Check, Column, Evidence, Status, Verdict
 from attacks_ext.label_leak import score_label_leak
 from harness.store import CellRecord, ResultStore
 from harness.threat import Norm
@@ -45,6 +46,7 @@ class Leaderboard:
     missing: list[str]
     commits: list[str]
     versions: dict
+    checks: dict[str, Check]  # check id -> the configured check
     evidence: dict[str, dict[str, Evidence]]  # check id -> defense -> what that check reads
     verdicts: dict[str, dict[str, Verdict]]  # defense -> check id -> verdict
 
@@ -94,6 +96,11 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     verdicts = {d.name: {check_id: checks[check_id].evaluate(evidence[check_id][d.name]) for check_id in checks}
                 for d in spec.defenses}
 
+    sanity_cells: dict[str, dict[str, CellRecord]] = {}  # defense -> stored check cells, each key once
+    for cell in all_cells:
+        if cell.check is not None and cell.key in records:
+            sanity_cells.setdefault(cell.defense, {})[cell.key] = records[cell.key]
+
     summary_rows, detail_rows, costs_rows, curves = [], {norm: [] for norm, _ in spec.eps}, [], {}
     trainings: dict[str, dict] = {}
     for defense in spec.defenses:
@@ -121,14 +128,13 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
                 if worst is not None:
                     curve.append((eps, 100 * worst.mean()))
                 for c, r in at_eps:
-                    details[norm][_column(norm, eps, c.attack.label)] = None if r is None else 100 * r.robust_correct.mean()
+                    details[norm][_column(norm, eps, c.attack.label)] = None if r is None else r.robust_accuracy
             curves[defense.name][norm] = curve
         summary_rows.append(summary)
         for norm in detail_rows:
             detail_rows[norm].append(details[norm])
         present = [r for _, r in pairs if r is not None]
-        checked = {c.key: records[c.key] for c in all_cells if c.defense == defense.name and c.check is not None
-                   and c.key in records}.values()
+        checked = sanity_cells.get(defense.name, {}).values()
         trainings[defense.name] = training
         costs_rows.append({
             "Defense": defense.name,
@@ -156,7 +162,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     versions = all_records[0].versions if all_records else library_versions()
     outcomes = {(c.defense, c.label, c.eps): records.get(c.key) for c in cells}
     return Leaderboard(spec, summary, details, curves, costs, trainings, outcomes, missing, commits, versions,
-                       evidence, verdicts)
+                       checks, evidence, verdicts)
 
 
 def _markdown(frame: pd.DataFrame, digits: int = 1) -> str:
@@ -176,10 +182,7 @@ def figure_name(spec: BenchmarkSpec) -> str:
 
 
 def render_figure(board: Leaderboard, path: Path) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     norms = [norm for norm, _ in board.spec.eps]
     fig, axes = plt.subplots(1, len(norms), figsize=(5 * len(norms), 3.8), squeeze=False)
@@ -197,9 +200,7 @@ def render_figure(board: Leaderboard, path: Path) -> None:
     if axes[0][0].get_legend_handles_labels()[0]:
         axes[0][0].legend(fontsize=8)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def training_figure_name(spec: BenchmarkSpec) -> str:
@@ -208,10 +209,7 @@ def training_figure_name(spec: BenchmarkSpec) -> str:
 
 def render_training_figure(board: Leaderboard, path: Path) -> None:
     """One panel per trained defense: loss and clean / training-adversary / guard accuracy per epoch."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     logs = {name: log for name, log in board.trainings.items() if log.get("epochs")}
     if not logs:
@@ -244,9 +242,7 @@ def render_training_figure(board: Leaderboard, path: Path) -> None:
     fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), fontsize=8)
     fig.suptitle(f"{board.spec.name}: training curves", fontsize=10)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=100, metadata={"Software": None})
-    plt.close(fig)
+    save_figure(fig, path, dpi=100)
 
 
 def render_markdown(board: Leaderboard, *, command: str, figure: str, training_figure: str | None = None) -> str:
@@ -314,7 +310,6 @@ def render_sanity(board: Leaderboard, out_dir: Path, *, command: str) -> str:
     """The sanity board: a verdict matrix, each defense's verdicts with their figures and reasons, and per
     check its detail table and plot. Writes the plots under `out_dir/figures`; returns the markdown."""
     spec = board.spec
-    checks = {c.check_id: c.build() for c in spec.checks}
     names = [d.name for d in spec.defenses]
     order = list(board.summary["Defense"])
 
@@ -337,17 +332,18 @@ def render_sanity(board: Leaderboard, out_dir: Path, *, command: str) -> str:
     ]
     matrix = pd.DataFrame([{"Defense": name, "Verdict": MISSING if overall(board.verdicts[name]) is None
                             else overall(board.verdicts[name]).label,
-                            **{check_id: status_text(board.verdicts[name][check_id]) for check_id in checks}}
+                            **{check_id: status_text(board.verdicts[name][check_id]) for check_id in board.checks}}
                            for name in order])
     lines += [_markdown(matrix), ""]
     for name in order:
         rows = pd.DataFrame([{"Check": check_id, "Verdict": status_text(v), "Figure": v.figure or MISSING,
                               "Reason": v.reason} for check_id, v in board.verdicts[name].items()])
         lines += [f"## Defense: {name}", "", _markdown(rows), ""]
-    for check_id, check in checks.items():
+    for check_spec in spec.checks:
+        check_id, check = check_spec.check_id, board.checks[check_spec.check_id]
         doc = " ".join((type(check).__doc__ or "").split())
         lines += [f"## Check: {check.title} (`{check_id}`)", "", doc, ""]
-        options = ", ".join(f"{k}={v}" for k, v in next(c for c in spec.checks if c.check_id == check_id).options)
+        options = ", ".join(f"{k}={v}" for k, v in check_spec.options)
         lines += [f"Options: {options or 'defaults'}.", ""]
         details = pd.DataFrame([{"Defense": name, "Verdict": status_text(board.verdicts[name][check_id]),
                                  **board.verdicts[name][check_id].details} for name in order])
@@ -391,10 +387,7 @@ def label_leak_frame(board: Leaderboard) -> pd.DataFrame:
 
 def render_label_leak_figure(spec: BenchmarkSpec, frame: pd.DataFrame, path: Path) -> None:
     """Accuracy vs eps under the true-label attack (solid) and its label-free twin (dashed), per defense."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
+    plt = pyplot()
 
     pairs = list(dict.fromkeys(frame["Twins"]))
     fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.2), squeeze=False)
@@ -416,9 +409,7 @@ def render_label_leak_figure(spec: BenchmarkSpec, frame: pd.DataFrame, path: Pat
         if axis.get_legend_handles_labels()[0]:
             axis.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110, metadata={"Software": None})
-    plt.close(fig)
+    save_figure(fig, path, dpi=110)
 
 
 def render_label_leak_markdown(spec: BenchmarkSpec, frame: pd.DataFrame, *, command: str, commit: str, figure: str) -> str:

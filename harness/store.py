@@ -81,6 +81,11 @@ class CellRecord:
         """Correct on the clean input and on its adversarial version."""
         return self.clean_correct & self.adv_correct
 
+    @property
+    def robust_accuracy(self) -> float:
+        """Robust accuracy in %: the share of examples correct both clean and under the attack."""
+        return 100 * float(self.robust_correct.mean())
+
 
 def pack(vector: np.ndarray) -> bytes:
     return np.packbits(np.asarray(vector, dtype=bool)).tobytes()
