@@ -1,7 +1,7 @@
 """Adapters that put torchattacks and ART attacks behind the one attack interface.
 
 torchattacks attacks are built per call (no global mode setters, nothing shared between calls) and run
-with torch's global RNG seeded from our generator and restored afterwards. ART attacks make one numpy
+with torch's global RNG seeded from the batch (`ExampleRandomness.library_seed`) and restored afterwards. ART attacks make one numpy
 round trip per batch; ART reads numpy's global RNG, which is seeded and restored the same way.
 """
 from __future__ import annotations
@@ -12,7 +12,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from attacks_ext.base import Attack, isolated_global_rng, seed_from
+from attacks_ext.base import Attack, isolated_global_rng
 from attacks_ext.pgd import madry_step_fraction
 from harness.registry import ATTACKS
 from harness.threat import Norm
@@ -26,8 +26,8 @@ class TorchattacksAttack(Attack):
         super().__init__(name, norm, uses_true_label=True, family=family)
         self._build = build
 
-    def run(self, model, x, y, *, eps, generator):
-        seed = seed_from(generator)
+    def run(self, model, x, y, *, eps, rng):
+        seed = rng.library_seed()
         if eps == 0:  # torchattacks PGDL2 divides by the zero norm of its random start and returns NaN
             return x.clone()
         attack = self._build(model, eps, seed)
@@ -43,10 +43,10 @@ class ArtAttack(Attack):
         super().__init__(name, norm, uses_true_label=True, family=family)
         self._build = build
 
-    def run(self, model, x, y, *, eps, generator):
+    def run(self, model, x, y, *, eps, rng):
         from art.estimators.classification import PyTorchClassifier
 
-        seed = seed_from(generator)
+        seed = rng.library_seed()
         if eps == 0:  # ART rejects a zero step size; a zero budget admits only x itself
             return x.clone()
         with torch.no_grad():

@@ -81,6 +81,8 @@ class Column:
     norm: Norm
     family: str
     eps: tuple[float, ...]
+    attack_id: str = ""
+    options: tuple[tuple[str, object], ...] = ()
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class Context:
     rank_by: tuple[Norm, float]
     eval_examples: int
     defenses: tuple[str, ...] = ()  # the benchmark's defense names (transfer sources)
+    columns: tuple[Column, ...] = ()  # the matrix's attack columns
+    cascade: bool = False  # whether the matrix's columns run as a cascade (cumulative, not standalone, vectors)
 
 
 @dataclass(frozen=True)
@@ -480,21 +484,36 @@ class MonotoneInEps(Check):
 @CHECKS.register("iterative-beats-one-step")
 class IterativeBeatsOneStep(Check):
     """Iterative attacks must be at least as strong as one-step ones at the same eps (Carlini et al. 2019);
-    a one-step attack that wins means the iterative attack's gradients lead it astray."""
+    a one-step attack that wins means the iterative attack's gradients lead it astray. In a cascade the
+    matrix's columns are cumulative, so the check runs its own standalone copies of the one-step and
+    iterative columns on the first `examples` images."""
 
     id, title = "iterative-beats-one-step", "Iterative beats one-step"
+    FAMILIES = ("one-step", "iterative")
 
-    def __init__(self, *, warn_margin: float = 1.0, fail_margin: float = 5.0):
+    def __init__(self, *, warn_margin: float = 1.0, fail_margin: float = 5.0, examples: int = 100):
         self.warn, self.fail = _thresholds(warn_margin, fail_margin, "points")
+        self.examples = _count(examples, "examples")
+
+    def requests(self, context):
+        if not context.cascade:
+            return ()
+        return tuple(AttackRequest(f"{c.label} @ {e:g}", c.attack_id, c.options, e, self.examples)
+                     for c in context.columns if c.family in self.FAMILIES for e in c.eps)
 
     def evaluate(self, evidence):
+        def record_of(column, eps):
+            if evidence.context.cascade:
+                return evidence.requested.get(f"{column.label} @ {eps:g}")
+            return evidence.matrix.get((column.label, eps))
+
         worst, where, compared = -math.inf, "", 0
         points = sorted({(c.norm, e) for c in evidence.columns.values() for e in c.eps}, key=lambda p: (p[0].value, p[1]))
         for norm, eps in points:
             by_family = {}
             for column in evidence.columns.values():
-                record = evidence.matrix.get((column.label, eps)) if column.norm is norm and eps in column.eps else None
-                if record is not None and column.family in ("one-step", "iterative"):
+                record = record_of(column, eps) if column.norm is norm and eps in column.eps else None
+                if record is not None and column.family in self.FAMILIES:
                     by_family.setdefault(column.family, []).append((record.robust_accuracy, column.label))
             if len(by_family) < 2:
                 continue
@@ -938,10 +957,10 @@ class _TracedGradients:
         self.norms: list[float] = []
         original = attack.gradient
 
-        def traced(model, x_adv, y, generator):
-            grad = original(model, x_adv, y, generator)
+        def traced(model, x_adv, y, rng):
+            grad, logits = original(model, x_adv, y, rng)
             self.norms.append(float(grad.flatten(1).abs().sum(1).mean()))
-            return grad
+            return grad, logits
 
         attack.gradient = traced
 

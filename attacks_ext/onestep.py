@@ -24,15 +24,15 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attacks_ext.base import Attack
-from attacks_ext.pgd import project
+from attacks_ext.base import Attack, ExampleRandomness
+from attacks_ext.pgd import ascend, cross_entropy_gradient
 from harness.registry import ATTACKS
 from harness.threat import Norm
 
 TARGETS = ("true", "predicted", "least-likely", "random", "entropy")
 
 
-def _input_gradient(model, x: torch.Tensor, target: str, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+def _input_gradient(model, x: torch.Tensor, target: str, y: torch.Tensor, rng: ExampleRandomness) -> torch.Tensor:
     """Gradient at x of the loss whose sign the method follows (ascent for true/predicted/entropy,
     the caller descends for least-likely/random targets)."""
     x = x.detach().requires_grad_(True)
@@ -41,13 +41,13 @@ def _input_gradient(model, x: torch.Tensor, target: str, y: torch.Tensor, genera
         log_p = F.log_softmax(logits, dim=1)
         loss = -(log_p.exp() * log_p).sum()
     else:
-        labels = choose_labels(logits.detach(), y, target, generator)
+        labels = choose_labels(logits.detach(), y, target, rng)
         loss = F.cross_entropy(logits, labels, reduction="sum")
     (grad,) = torch.autograd.grad(loss, x)
     return grad
 
 
-def choose_labels(logits: torch.Tensor, y: torch.Tensor, target: str, generator: torch.Generator) -> torch.Tensor:
+def choose_labels(logits: torch.Tensor, y: torch.Tensor, target: str, rng: ExampleRandomness) -> torch.Tensor:
     if target == "true":
         return y
     if target == "predicted":
@@ -56,7 +56,7 @@ def choose_labels(logits: torch.Tensor, y: torch.Tensor, target: str, generator:
         return logits.argmin(1)
     if target == "random":  # uniform over the other classes: offset 1..C-1 from the true label
         classes = logits.shape[1]
-        offset = torch.randint(1, classes, (len(y),), generator=generator).to(y.device)
+        offset = rng.randint(1, classes).to(y.device)
         return (y + offset) % classes
     raise ValueError(f"unknown target {target!r}; allowed: {', '.join(TARGETS)}")
 
@@ -81,22 +81,22 @@ class OneStepAttack(Attack):
         super().__init__(name, norm, uses_true_label=uses_true_label, family="noise" if target is None else "one-step")
         self.target, self.scaling, self.descend = target, scaling, descend
 
-    def run(self, model, x, y, *, eps, generator):
+    def run(self, model, x, y, *, eps, rng):
         if self.target is None:
-            return random_sign(x, eps, generator) if self.scaling == "sign" else truncated_normal_noise(x, eps, generator)
-        direction = _scale(_input_gradient(model, x, self.target, y, generator), self.scaling)
+            return random_sign(x, eps, rng) if self.scaling == "sign" else truncated_normal_noise(x, eps, rng)
+        direction = _scale(_input_gradient(model, x, self.target, y, rng), self.scaling)
         return (x - eps * direction if self.descend else x + eps * direction).clamp(0, 1)
 
 
-def random_sign(x: torch.Tensor, eps, generator: torch.Generator) -> torch.Tensor:
-    noise = torch.randn(x.shape, generator=generator).sign().to(device=x.device, dtype=x.dtype)
+def random_sign(x: torch.Tensor, eps, rng: ExampleRandomness) -> torch.Tensor:
+    noise = rng.randn(*x.shape[1:]).sign().to(device=x.device, dtype=x.dtype)
     return (x + eps * noise).clamp(0, 1)
 
 
-def truncated_normal_noise(x: torch.Tensor, eps, generator: torch.Generator) -> torch.Tensor:
+def truncated_normal_noise(x: torch.Tensor, eps, rng: ExampleRandomness) -> torch.Tensor:
     """N(0, (eps/2)^2) truncated to [-eps, eps] (two standard deviations), by inverting the normal CDF."""
     low = 0.5 * (1 + math.erf(-2 / math.sqrt(2)))
-    u = low + (1 - 2 * low) * torch.rand(x.shape, generator=generator, dtype=torch.float64)
+    u = low + (1 - 2 * low) * rng.rand(*x.shape[1:], dtype=torch.float64)
     z = torch.special.ndtri(u).clamp(-2, 2).to(device=x.device, dtype=x.dtype)
     return (x + z * (eps / 2)).clamp(0, 1)
 
@@ -112,23 +112,31 @@ class BasicIterativeAttack(Attack):
     likely class of the clean prediction), step 1/255, projected onto the eps-ball and [0, 1]."""
 
     per_example_eps = True
+    stops_early = True
 
     def __init__(self, name: str, *, least_likely: bool, step_size: float = 1 / 255):
         super().__init__(name, Norm.LINF, uses_true_label=not least_likely)
         self.least_likely, self.step_size = least_likely, step_size
 
-    def run(self, model, x, y, *, eps, generator):
-        if self.least_likely:
+    def run(self, model, x, y, *, eps, rng, stop_when_fooled=False):
+        if not self.least_likely:
+            def gradient(model, x_at, y_at, rng):
+                return cross_entropy_gradient(model, x_at, y_at)
+        else:
             with torch.no_grad():
-                y = model(x).argmin(1)
-        x_adv = x.clone()
-        for _ in range(kurakin_iterations(eps)):
-            x_adv.requires_grad_(True)
-            loss = F.cross_entropy(model(x_adv), y, reduction="sum")
-            (grad,) = torch.autograd.grad(loss, x_adv)
-            step = -self.step_size * grad.sign() if self.least_likely else self.step_size * grad.sign()
-            x_adv = project(x_adv.detach() + step, x, eps, Norm.LINF)
-        return x_adv
+                target = model(x).argmin(1)
+            position = {int(i): k for k, i in enumerate(rng.indices)}
+
+            def gradient(model, x_at, y_at, rng):  # descend towards each example's own least-likely class
+                labels = target[[position[i] for i in rng.indices]]
+                grad, logits = cross_entropy_gradient(model, x_at, labels)
+                return -grad, logits
+        return ascend(model, x, y, x, steps=kurakin_iterations(eps), step=self.step_size, eps=eps, norm=Norm.LINF,
+                      gradient=gradient, rng=rng, stop_when_fooled=stop_when_fooled)
+
+    def evaluations_to_end(self, examples: int, eps: float) -> tuple[int, int]:
+        count = examples * kurakin_iterations(eps)
+        return count, count
 
 
 ONE_STEP = {

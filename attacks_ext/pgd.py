@@ -1,16 +1,18 @@
 """Reference projected gradient descent (Madry et al. 2018), Linf and L2, on cross-entropy.
 
 Written out in full so the harness has an implementation it controls, to check the libraries' PGD
-against and to use as the adversary in adversarial training. Random starts draw from the caller's
-generator on the CPU, so the same seed gives the same perturbation on any device.
+against and to use as the adversary in adversarial training. Random starts draw from each example's own
+stream on the CPU, so the same seed gives the same perturbation on any device and in any batch.
 """
 from __future__ import annotations
+
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks_ext.base import Attack
+from attacks_ext.base import Attack, ExampleRandomness
 from harness.registry import ATTACKS
 from harness.threat import Norm
 
@@ -19,14 +21,15 @@ def _per_example_l2(t: torch.Tensor) -> torch.Tensor:
     return t.flatten(1).norm(dim=1).view(-1, *([1] * (t.ndim - 1)))
 
 
-def random_start(x: torch.Tensor, eps, norm: Norm, generator: torch.Generator) -> torch.Tensor:
+def random_start(x: torch.Tensor, eps, norm: Norm, rng: ExampleRandomness) -> torch.Tensor:
     """A point drawn in the eps-ball around x, clipped to [0, 1]: uniform in the Linf box; for L2 a
     uniform direction with radius eps * U(0, 1). Drawn on the CPU so every device sees the same numbers."""
+    shape = tuple(x.shape[1:])
     if norm is Norm.LINF:
-        unit = torch.rand(x.shape, generator=generator) * 2 - 1
+        unit = rng.rand(*shape) * 2 - 1
     else:
-        direction = torch.randn(x.shape, generator=generator)
-        radius = torch.rand((x.shape[0],) + (1,) * (x.ndim - 1), generator=generator)
+        direction = rng.randn(*shape)
+        radius = rng.rand(*([1] * len(shape)))
         unit = direction / _per_example_l2(direction).clamp_min(1e-12) * radius
     return (x + unit.to(device=x.device, dtype=x.dtype) * eps).clamp(0, 1)
 
@@ -59,14 +62,59 @@ def madry_step_fraction(steps: int, step_fraction: float | None) -> float:
     return float(step_fraction) if step_fraction is not None else 2.5 / steps
 
 
+def _rows(value, keep: torch.Tensor):
+    """The rows `keep` of a per-example tensor (eps, step size); a float applies to every row."""
+    return value[keep] if isinstance(value, torch.Tensor) and value.ndim > 0 else value
+
+
+# gradient(model, x_at, y, rng) -> (ascent gradient, logits at x_at or None when the gradient did not compute them)
+Gradient = Callable[[nn.Module, torch.Tensor, torch.Tensor, ExampleRandomness], tuple[torch.Tensor, torch.Tensor | None]]
+
+
+def ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, steps: int, step, eps,
+           norm: Norm, gradient: Gradient, rng: ExampleRandomness, stop_when_fooled: bool = False) -> torch.Tensor:
+    """The one iterative loop: `steps` times x_adv <- Proj(x_adv + step * direction(gradient)).
+
+    With `stop_when_fooled`, an example whose iterate the model misclassifies leaves the loop at once and keeps
+    that iterate; the check reads the logits the gradient already computed where it can (no extra forward).
+    Every example's trajectory depends only on its own data and random stream, so its outcome equals that of
+    the same attack run to the end that keeps any misclassified iterate."""
+    x_adv = x_adv.clone()
+    active = torch.arange(len(x), device=x.device)
+    for _ in range(steps):
+        grad, logits = gradient(model, x_adv[active], y[active], rng.subset(active.cpu()))
+        if stop_when_fooled:
+            if logits is None:
+                with torch.no_grad():
+                    logits = model(x_adv[active])
+            still = logits.argmax(1) == y[active]
+            active, grad = active[still], grad[still]
+            if len(active) == 0:
+                break
+        moved = x_adv[active].detach() + _rows(step, active) * ascent_direction(grad, norm)
+        x_adv[active] = project(moved, x[active], _rows(eps, active), norm)
+    return x_adv
+
+
+def cross_entropy_gradient(model: nn.Module, x_at: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x sum CE(model(x_at), labels), the logits at x_at)."""
+    x_at = x_at.detach().requires_grad_(True)
+    logits = model(x_at)
+    (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), x_at)
+    return grad, logits.detach()
+
+
 class ProjectedGradientDescent(Attack):
     """PGD on the cross-entropy of the true label; `steps` iterations of size `step_fraction * eps`.
 
     Linf steps along sign(grad), L2 along grad / ||grad||_2; each iterate is projected onto the
-    eps-ball and [0, 1]. Returns the last iterate. Shapes: x (N, C, H, W) in [0, 1], y (N,).
+    eps-ball and [0, 1]. Returns the last iterate, or with early stop the first misclassified one.
+    Shapes: x (N, C, H, W) in [0, 1], y (N,).
     """
 
     per_example_eps = True
+    stops_early = True
+    draws = 1  # model evaluations per example and step
 
     def __init__(self, name: str, norm: Norm, *, steps: int = 40, step_fraction: float | None = None,
                  random_start: bool = True):
@@ -75,20 +123,19 @@ class ProjectedGradientDescent(Attack):
         self.steps = int(steps)
         self.random_start = bool(random_start)
 
-    def gradient(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+    def gradient(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, rng: ExampleRandomness):
         """The ascent direction's source: the cross-entropy gradient at x_adv (subclasses estimate it otherwise)."""
-        x_adv = x_adv.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_adv), y, reduction="sum"), x_adv)
-        return grad
+        return cross_entropy_gradient(model, x_adv, y)
 
-    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps: float,
-            generator: torch.Generator) -> torch.Tensor:
-        step = self.step_fraction * eps
-        x_adv = random_start(x, eps, self.norm, generator) if self.random_start else x.clone()
-        for _ in range(self.steps):
-            grad = self.gradient(model, x_adv, y, generator)
-            x_adv = project(x_adv.detach() + step * ascent_direction(grad, self.norm), x, eps, self.norm)
-        return x_adv
+    def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, rng: ExampleRandomness,
+            stop_when_fooled: bool = False) -> torch.Tensor:
+        start = random_start(x, eps, self.norm, rng) if self.random_start else x
+        return ascend(model, x, y, start, steps=self.steps, step=self.step_fraction * eps, eps=eps, norm=self.norm,
+                      gradient=self.gradient, rng=rng, stop_when_fooled=stop_when_fooled)
+
+    def evaluations_to_end(self, examples: int, eps: float) -> tuple[int, int]:
+        count = examples * self.steps * self.draws
+        return count, count
 
 
 @ATTACKS.register("pgd-linf")

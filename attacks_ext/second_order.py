@@ -30,13 +30,14 @@ class SecondOrderAttack(ProjectedGradientDescent):
             raise ValueError(f"draws must be a positive integer, got {draws!r}")
         self.sigma, self.draws = float(sigma), int(draws)
 
-    def gradient(self, model, x_adv, y, generator):
-        # All draws go through the model as one batch of draws x N; noise comes from the caller's generator.
-        noise = torch.randn((self.draws,) + tuple(x_adv.shape), generator=generator).to(x_adv.device, x_adv.dtype)
+    def gradient(self, model, x_adv, y, rng):
+        # All draws go through the model as one batch of draws x N; each example's noise comes from its own
+        # stream. The logits are at the noisy points, not at x_adv, so early stop needs its own forward.
+        noise = rng.randn(self.draws, *x_adv.shape[1:]).transpose(0, 1).to(x_adv.device, x_adv.dtype)
         points = (x_adv.detach().unsqueeze(0) + self.sigma * noise).flatten(0, 1).requires_grad_(True)
         loss = F.cross_entropy(model(points), y.repeat(self.draws), reduction="sum")
         (grad,) = torch.autograd.grad(loss, points)
-        return grad.view((self.draws,) + tuple(x_adv.shape)).mean(0)
+        return grad.view((self.draws,) + tuple(x_adv.shape)).mean(0), None
 
 
 @ATTACKS.register("so-linf")

@@ -212,10 +212,13 @@ def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | st
             loss.backward()
             optimizer.step()
             step += 1
-            with torch.no_grad():  # bookkeeping: the raw model, not counted as training cost; eval mode, so
-                model.eval()       # batch-norm running statistics never see this extra clean pass
-                predictions = model(x).argmax(1) if x_in is not x else logits.argmax(1)
-                model.train()
+            with torch.no_grad():  # bookkeeping: the raw model, not counted as training cost
+                if x_in is x:
+                    predictions = logits.argmax(1)
+                else:  # an extra clean pass, in eval mode so batch-norm running statistics never see it
+                    model.eval()
+                    predictions = model(x).argmax(1)
+                    model.train()
                 totals["clean"] += float((predictions == y).sum())
                 totals["adversarial"] += float((adversarial_logits.argmax(1) == adversarial_labels).sum())
                 totals["adversarial_seen"] += len(adversarial_labels)

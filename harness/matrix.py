@@ -1,8 +1,15 @@
 """The evaluation matrix: defense x attack x norm x eps cells, run by an executor, written by the driver.
 
-A cell is an independent unit of work: given its defense's model and the evaluation data it returns
-per-example outcome vectors and its cost. Executors only compute; the driver (`run`) alone writes the
-store, one transaction per cell, so an interrupted run resumes where it stopped.
+A cell is a unit of work: given its defense's model and the evaluation data it returns per-example outcome
+vectors and its cost. Executors only compute; the driver (`run`) alone writes the store, one transaction per
+cell, so an interrupted run resumes where it stopped.
+
+Cascade (`[benchmark] cascade = true`): at each (defense, norm, eps) the attack columns run in a chain, and
+each attacks only the examples that the clean evaluation and every earlier column of the chain left
+correctly classified; its stored vector is then the accuracy left after it and every column before it.
+Examples the chain skips are broken already, so the per-example worst case is the same as with every attack
+on every example: attack randomness depends only on (cell seed, example index), and the cell seed does not
+depend on the chain. Iterative attacks of our own also stop per example at the first misclassified iterate.
 """
 from __future__ import annotations
 
@@ -22,6 +29,7 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
+from attacks_ext.base import ExampleRandomness
 from attacks_ext.checks import PROBES, ProbeRequest
 from defenses.train import Checkpoint, checkpoint_key, file_sha256, load_checkpoint_model, obtain_checkpoint
 from harness.counting import EvaluationCounter
@@ -150,6 +158,7 @@ class Cell:
     check: str | None = None  # the sanity check that asked for this cell; None: a cell of the matrix itself
     request: str | None = None  # the check's name for it
     source: str | None = None  # transfer: the defense whose model crafts the examples; None: the target itself
+    after: tuple[str, ...] = ()  # cascade: keys of the cells whose survivors this cell attacks; (): every example
 
     @property
     def label(self) -> str:
@@ -167,41 +176,72 @@ class Cell:
 
 def _cell(spec: BenchmarkSpec, data: Dataset, defense: str, model_key: str, attack: AttackSpec | None, eps: float, *,
           examples: int | None = None, restart: int = 0, probe: ProbeRequest | None = None, check: str | None = None,
-          request: str | None = None, source: tuple[str, str] | None = None) -> Cell:
+          request: str | None = None, source: tuple[str, str] | None = None, after: tuple[str, ...] = ()) -> Cell:
     """A cell keyed by everything that decides its outcome (and nothing that does not: the check that asked
-    for it is not part of its identity, so identical requests share one cell)."""
+    for it is not part of its identity, so identical requests share one cell).
+
+    Its seed comes from the attack, eps, restart and benchmark seed only, not from the model, the data or the
+    cascade: every defense sees the same random starts (common random numbers), a code change that re-keys
+    the checkpoints does not move them, and a cascaded cell draws what the same attack on every example would."""
     examples = spec.eval_examples if examples is None else examples
-    identity = {
-        "data": [data.name, data.fingerprint, spec.eval_examples, spec.batch_size], "model": model_key,
+    randomness = {
         "attack": None if attack is None else [attack.attack_id, [list(o) for o in attack.options], attack.norm.value],
         "eps": eps, "seed": spec.seed,
     }
+    if restart:
+        randomness["restart"] = restart
+    if probe is not None:
+        randomness["probe"] = [probe.probe_id, [list(o) for o in probe.options]]
+    identity = {**randomness, "data": [data.name, data.fingerprint, spec.eval_examples, spec.batch_size], "model": model_key}
     if examples != spec.eval_examples:
         identity["examples"] = examples
-    if restart:
-        identity["restart"] = restart
-    if probe is not None:
-        identity["probe"] = [probe.probe_id, [list(o) for o in probe.options]]
     if source is not None:  # (defense name, model key): the crafting model is part of the identity
         identity["source"] = source[1]
+    if after:
+        identity["after"] = list(after)
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
-    return Cell(key, defense, model_key, attack, eps, int(key[:8], 16), examples, probe, check, request,
-                None if source is None else source[0])
+    seed = int(hashlib.sha256(json.dumps(randomness, sort_keys=True, default=str).encode()).hexdigest()[:8], 16)
+    return Cell(key, defense, model_key, attack, eps, seed, examples, probe, check, request,
+                None if source is None else source[0], tuple(after))
+
+
+FAMILY_ORDER = ("one-step", "iterative", "noise", "gradient-free", "transfer")
+
+
+def cascade_order(spec: BenchmarkSpec) -> list[AttackSpec]:
+    """The columns in the order a cascade runs them: the label-leak twins first (they run on every example:
+    Kurakin's count needs clean-misclassified examples too), then white-box columns (one-step, iterative),
+    then noise, gradient-free and transfer ones, each group in TOML order. White-box columns run before the
+    others so that the sanity checks can tell what only the gradient-free or transfer attacks broke."""
+    full = {label for pair in spec.label_leak_pairs for label in pair}
+    return sorted(spec.attacks, key=lambda a: (a.label not in full, FAMILY_ORDER.index(a.family)))
+
+
+def runs_on_every_example(spec: BenchmarkSpec, attack: AttackSpec) -> bool:
+    return not spec.cascade or attack.label in {label for pair in spec.label_leak_pairs for label in pair}
 
 
 def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
     """Every cell of the matrix, then every cell its sanity checks ask for. Two checks asking for the same
-    evidence get cells with the same key; `run` computes each key once."""
+    evidence get cells with the same key; `run` computes each key once. In a cascade a cell comes after the
+    cells it depends on."""
     cells = []
     keys = defense_keys(spec, data)
     context = spec.check_context()
     checks = [(check_spec.check_id, check_spec.build()) for check_spec in spec.checks]
     for defense in spec.defenses:
         model_key = keys[defense.name]
-        points = [(None, 0.0)] + [(attack, eps) for attack in spec.attacks for eps in attack.eps]
-        for attack, eps in points:
-            source = None if attack is None or attack.source is None else (attack.source, keys[attack.source])
-            cells.append(_cell(spec, data, defense.name, model_key, attack, eps, source=source))
+        clean = _cell(spec, data, defense.name, model_key, None, 0.0)
+        cells.append(clean)
+        chains: dict[tuple[str, float], list[str]] = {}
+        for attack in cascade_order(spec) if spec.cascade else spec.attacks:
+            for eps in attack.eps:
+                chain = chains.setdefault((attack.norm.value, eps), [clean.key])
+                after = () if runs_on_every_example(spec, attack) else tuple(chain)
+                source = None if attack.source is None else (attack.source, keys[attack.source])
+                cell = _cell(spec, data, defense.name, model_key, attack, eps, source=source, after=after)
+                cells.append(cell)
+                chain.append(cell.key)
         for check_id, check in checks:
             for request in check.requests(context):
                 common = dict(examples=request.examples, check=check_id, request=request.name)
@@ -242,46 +282,61 @@ def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch
 
 
 def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-                  device: torch.device, source_model: torch.nn.Module | None = None) -> CellOutcome:
+                  device: torch.device, source_model: torch.nn.Module | None = None,
+                  attacked: np.ndarray | None = None) -> CellOutcome:
     """Attack `model` on (x, y) batch by batch; every adversarial batch must pass the threat model.
-    With `source_model` the examples are crafted on it and transferred to `model` (a black-box attack);
-    the cost counted is then the source's."""
+
+    `attacked` (a cascade): attack only those examples; the others count as not robust. Example i's random
+    draws come from its own stream (cell seed, i), and our iterative attacks stop per example at the first
+    misclassified iterate. With `source_model` the examples are crafted on it and transferred to `model` (a
+    black-box attack; no early stop, since the source being fooled says nothing about the target); the cost
+    counted is then the source's."""
     if cell.probe is not None:
         return evaluate_probe(cell, model, x, y, device=device)
-    attack = None if cell.attack is None else cell.attack.build()
     counter = EvaluationCounter(model if source_model is None else source_model)
-    generator = torch.Generator().manual_seed(cell.seed)
-    clean_parts, adv_parts, seconds = [], [], 0.0
-    for begin in range(0, len(x), batch_size):
-        xb, yb = x[begin : begin + batch_size].to(device), y[begin : begin + batch_size].to(device)
-        if attack is None:  # the clean evaluation's cost is its one forward pass
-            start = time.perf_counter()
-            with torch.no_grad():
-                clean_pred = adv_pred = counter(xb).argmax(1)
-            seconds += time.perf_counter() - start
-        else:  # an attack's cost excludes the harness's own clean and adversarial predictions
-            with torch.no_grad():
-                clean_pred = model(xb).argmax(1)
-            start = time.perf_counter()
-            x_adv = attack(counter, xb, yb, eps=cell.eps, generator=generator)
-            seconds += time.perf_counter() - start
-            verify(xb, x_adv, cell.attack.norm, cell.eps)
-            with torch.no_grad():
-                adv_pred = model(x_adv).argmax(1)
-        clean_parts.append((clean_pred == yb).cpu().numpy())
-        adv_parts.append((adv_pred == yb).cpu().numpy())
-    return CellOutcome(np.concatenate(clean_parts), np.concatenate(adv_parts), seconds,
-                       counter.forward_evals, counter.gradient_evals)
+    if cell.attack is None:  # the clean evaluation's cost is its one forward pass
+        start = time.perf_counter()
+        correct = _correct(counter, x, y, batch_size=batch_size, device=device)
+        return CellOutcome(correct, correct, time.perf_counter() - start, counter.forward_evals, counter.gradient_evals)
+    attack = cell.attack.build()
+    clean_correct = _correct(model, x, y, batch_size=batch_size, device=device)  # the harness's own, not counted
+    todo = np.arange(len(x)) if attacked is None else np.flatnonzero(attacked)
+    adv_correct, seconds = np.zeros(len(x), dtype=bool), 0.0
+    for begin in range(0, len(todo), batch_size):
+        index = todo[begin : begin + batch_size]
+        rows = torch.from_numpy(index)
+        xb, yb = x[rows].to(device), y[rows].to(device)
+        start = time.perf_counter()
+        x_adv = attack(counter, xb, yb, eps=cell.eps, generator=ExampleRandomness(cell.seed, index),
+                       stop_when_fooled=source_model is None)
+        seconds += time.perf_counter() - start
+        verify(xb, x_adv, cell.attack.norm, cell.eps)
+        with torch.no_grad():
+            adv_correct[index] = (model(x_adv).argmax(1) == yb).cpu().numpy()
+    return CellOutcome(clean_correct, adv_correct, seconds, counter.forward_evals, counter.gradient_evals,
+                       {} if attacked is None else {"attacked": np.asarray(attacked, dtype=bool)})
+
+
+def _correct(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, device: torch.device) -> np.ndarray:
+    parts = []
+    with torch.no_grad():
+        for begin in range(0, len(x), batch_size):
+            xb, yb = x[begin : begin + batch_size].to(device), y[begin : begin + batch_size].to(device)
+            parts.append((model(xb).argmax(1) == yb).cpu().numpy())
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 
 
 class CellRunner:
-    """Computes cells; holds what a worker needs (data, prepared defenses) and loads each model once."""
+    """Computes cells; holds what a worker needs (data, prepared defenses, the store's finished cells for a
+    cascade) and loads each model once."""
 
-    def __init__(self, spec: BenchmarkSpec, data: Dataset, defenses: dict[str, PreparedDefense], device: torch.device):
+    def __init__(self, spec: BenchmarkSpec, data: Dataset, defenses: dict[str, PreparedDefense], device: torch.device,
+                 finished: Callable[[list[str]], dict[str, CellRecord]] | None = None):
         self.data, self.defenses, self.device = data, defenses, device
         self.batch_size = spec.batch_size
         self.x = data.x_test[: spec.eval_examples]
         self.y = data.y_test[: spec.eval_examples]
+        self.finished = finished
         self._models: dict[str, torch.nn.Module] = {}
 
     def model(self, defense: str) -> torch.nn.Module:
@@ -290,14 +345,27 @@ class CellRunner:
             self._models[prepared.key] = prepared.load_model(self.data, self.device)
         return self._models[prepared.key]
 
+    def survivors(self, cell: Cell) -> np.ndarray | None:
+        """The examples a cascaded cell attacks: robust through every cell before it; None: every example."""
+        if not cell.after:
+            return None
+        records = self.finished(list(cell.after)) if self.finished is not None else {}
+        missing = [key for key in cell.after if key not in records]
+        if missing:
+            raise RuntimeError(f"cascade: {len(missing)} earlier cells of {cell.describe()} are not in the store "
+                               "(they failed or were not run)")
+        return np.logical_and.reduce([records[key].robust_correct[: cell.examples] for key in cell.after])
+
     def __call__(self, cell: Cell) -> CellOutcome:
         return evaluate_cell(cell, self.model(cell.defense), self.x[: cell.examples], self.y[: cell.examples],
                              batch_size=self.batch_size, device=self.device,
-                             source_model=None if cell.source is None else self.model(cell.source))
+                             source_model=None if cell.source is None else self.model(cell.source),
+                             attacked=self.survivors(cell))
 
 
 class SequentialExecutor:
-    """Runs cells one after another in this process; yields (cell, outcome or the exception it raised)."""
+    """Runs cells one after another in this process; yields (cell, outcome or the exception it raised).
+    The next cell starts only after the driver has stored the last one, which a cascade relies on."""
 
     def map(self, function: Callable[[Cell], CellOutcome], cells: Iterable[Cell]) -> Iterator[tuple[Cell, object]]:
         for cell in cells:
@@ -355,7 +423,7 @@ def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: tor
 
     for name in dict.fromkeys(name for cell in todo for name in (cell.defense, cell.source) if name is not None):
         prepare(name)
-    runner = CellRunner(spec, data, prepared, device)
+    runner = CellRunner(spec, data, prepared, device, finished=store.cells)
     versions, commit = library_versions(), code_commit()
     executor = executor or SequentialExecutor()
     bar = tqdm(total=len(todo), desc=f"{spec.name} cells", unit="cell", disable=not progress)

@@ -17,9 +17,9 @@ import pandas as pd
 
 from harness.data import Dataset
 from harness.figures import pyplot, save_figure
-from harness.matrix import CLEAN, Cell, code_commit, library_versions, plan
+from harness.matrix import CLEAN, Cell, cascade_order, code_commit, library_versions, plan, runs_on_every_example
 from harness.spec import BenchmarkSpec
-from attacks_ext.checks import Check, Column, Evidence, Status, Verdict
+from attacks_ext.checks import Check, Evidence, Status, Verdict
 from attacks_ext.label_leak import score_label_leak
 from harness.store import CellRecord, ResultStore
 from harness.threat import Norm
@@ -63,7 +63,7 @@ def defense_anchor(name: str) -> str:
 def gather_evidence(spec: BenchmarkSpec, cells: list[Cell], records: dict[str, CellRecord]) -> dict[str, dict[str, Evidence]]:
     """Per check and defense: the matrix's cells of that defense and the cells the check asked for."""
     context = spec.check_context()
-    columns = {a.label: Column(a.label, a.norm, a.family, a.eps) for a in spec.attacks}
+    columns = {c.label: c for c in context.columns}
     matrix: dict[str, dict] = {}
     requested: dict[tuple[str, str], dict] = {}
     for cell in cells:
@@ -83,6 +83,45 @@ def overall(verdicts: dict[str, Verdict]) -> Status | None:
     return None if not statuses or any(s is None for s in statuses) else max(statuses)
 
 
+def attacked_count(cell: Cell, record: CellRecord) -> int:
+    """Examples the cell attacked: a cascade stores its mask; otherwise every example."""
+    mask = record.measurements.get("attacked")
+    return cell.examples if mask is None else int(np.count_nonzero(mask))
+
+
+def naive_costs(cells: list[Cell], records: dict[str, CellRecord]) -> dict[str, tuple[float, float] | None]:
+    """Per stored cell, the (forward, gradient) evaluations of the same attack on every example, run to the end.
+
+    Our iterative attacks know that cost exactly (`Attack.evaluations_to_end`). Other attacks cost the same per
+    example wherever they run, so their cost per attacked example, pooled over every cell of the same attack,
+    options and eps, is scaled to all examples (None where no cell of it attacked anything). Clean cells and
+    probes are not attacks: their cost is their own."""
+    unique = {cell.key: cell for cell in cells if cell.key in records}
+    pooled: dict[tuple, list[float]] = {}
+    exact: dict[str, tuple[float, float]] = {}
+    for key, cell in unique.items():
+        record = records[key]
+        if cell.attack is None:
+            exact[key] = (record.forward_evals, record.gradient_evals)
+            continue
+        to_end = cell.attack.build().evaluations_to_end(cell.examples, cell.eps)
+        if to_end is not None:
+            exact[key] = to_end
+            continue
+        totals = pooled.setdefault((cell.attack.attack_id, cell.attack.options, cell.eps, cell.source), [0.0, 0.0, 0])
+        totals[0] += record.forward_evals
+        totals[1] += record.gradient_evals
+        totals[2] += attacked_count(cell, record)
+    naive: dict[str, tuple[float, float] | None] = {}
+    for key, cell in unique.items():
+        if key in exact:
+            naive[key] = exact[key]
+            continue
+        forward, gradient, attacked = pooled[(cell.attack.attack_id, cell.attack.options, cell.eps, cell.source)]
+        naive[key] = None if attacked == 0 else (forward / attacked * cell.examples, gradient / attacked * cell.examples)
+    return naive
+
+
 def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard:
     all_cells = plan(spec, data)
     records = store.cells(list(dict.fromkeys(cell.key for cell in all_cells)))
@@ -93,6 +132,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     missing = list(dict.fromkeys(cell.describe() for cell in all_cells if cell.key not in records))
     evidence = gather_evidence(spec, all_cells, records)
     checks = {check.check_id: check.build() for check in spec.checks}
+    naive = naive_costs(all_cells, records)
     verdicts = {d.name: {check_id: checks[check_id].evaluate(evidence[check_id][d.name]) for check_id in checks}
                 for d in spec.defenses}
 
@@ -135,6 +175,8 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
             detail_rows[norm].append(details[norm])
         present = [r for _, r in pairs if r is not None]
         checked = sanity_cells.get(defense.name, {}).values()
+        matrix_naive = [naive.get(c.key) for c, r in pairs if r is not None]
+        checks_naive = [naive.get(key) for key in sanity_cells.get(defense.name, {})]
         trainings[defense.name] = training
         costs_rows.append({
             "Defense": defense.name,
@@ -144,8 +186,10 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
             "Eval s": sum(r.seconds for r in present),
             "Eval fwd": sum(r.forward_evals for r in present),
             "Eval grad": sum(r.gradient_evals for r in present),
+            "Eval naive": _total(matrix_naive),
             **({"Sanity s": sum(r.seconds for r in checked), "Sanity fwd": sum(r.forward_evals for r in checked),
-                "Sanity grad": sum(r.gradient_evals for r in checked)} if spec.checks else {}),
+                "Sanity grad": sum(r.gradient_evals for r in checked), "Sanity naive": _total(checks_naive)}
+               if spec.checks else {}),
         })
 
     summary = pd.DataFrame(summary_rows)
@@ -163,6 +207,11 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     outcomes = {(c.defense, c.label, c.eps): records.get(c.key) for c in cells}
     return Leaderboard(spec, summary, details, curves, costs, trainings, outcomes, missing, commits, versions,
                        checks, evidence, verdicts)
+
+
+def _total(costs: list[tuple[float, float] | None]) -> float | None:
+    """Forward plus gradient evaluations summed over cells; None when any cell's is unknown."""
+    return None if any(c is None for c in costs) else float(sum(f + g for f, g in costs))
 
 
 def _markdown(frame: pd.DataFrame, digits: int = 1) -> str:
@@ -272,6 +321,15 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
         lines += [f"**Incomplete:** {len(board.missing)} cells are not in the store ({MISSING} below); "
                   f"run `python -m harness run {spec.path}`.", ""]
     lines += ["## Ranking", "", _markdown(board.summary), ""]
+    if spec.cascade:
+        every = [a.label for a in spec.attacks if runs_on_every_example(spec, a)]
+        lines += ["The attack tables below ran as a **cascade**: at each eps the columns ran left to right, and each "
+                  "attacked only the examples that the clean evaluation and every column to its left left standing, "
+                  "so its number is the accuracy left after it and all of them (the last column at an eps is the "
+                  "worst case). " + (f"{', '.join(every)} ran on every example (the label-leak twins need them all), "
+                                     "so theirs are the attacks' own accuracies. " if every else "")
+                  + "The worst case equals that of every attack on every example: attack randomness depends only "
+                  "on the example, not on which examples share a batch.", ""]
     for norm, frame in board.details.items():
         lines += [f"## {norm.symbol} attacks", "", _markdown(frame), ""]
     lines += [f"![worst-case accuracy vs eps]({figure})", ""]
@@ -279,7 +337,9 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
     attacks = pd.DataFrame([
         {"Column": a.label, "Attack": a.attack_id + ("" if a.source is None else f" (transfer from {a.source})"),
          "Options": ", ".join(f"{k}={v}" for k, v in a.options) or "defaults",
-         "Norm": a.norm.symbol, "eps": ", ".join(f"{e:g}" for e in a.eps)} for a in spec.attacks
+         "Norm": a.norm.symbol, "eps": ", ".join(f"{e:g}" for e in a.eps),
+         **({"Runs on": "every example" if runs_on_every_example(spec, a) else "survivors"} if spec.cascade else {})}
+        for a in (cascade_order(spec) if spec.cascade else spec.attacks)
     ])
     lines += [_markdown(attacks), ""]
     lines += ["## Defenses", ""]
@@ -294,16 +354,32 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
     if training_figure:
         lines += [f"![training curves]({training_figure})", ""]
     costs = board.costs.copy()
-    total_fwd, total_grad = int(costs["Eval fwd"].sum()), int(costs["Eval grad"].sum())
     lines += ["## Measured cost", "",
               "Seconds are wall time on the machine that produced this file; model evaluations (examples sent "
-              "forward, examples whose input gradient was taken) are exact and portable.", "",
-              _markdown(costs, digits=1), "",
-              f"Whole evaluation: {total_fwd:,} forward and {total_grad:,} gradient evaluations"
-              + (f"; sanity checks: {int(costs['Sanity fwd'].sum()):,} forward and {int(costs['Sanity grad'].sum()):,} "
-                 "gradient evaluations." if "Sanity fwd" in costs else "."), "",
-              f"Libraries: {versions}.", ""]
+              "forward, examples whose input gradient was taken) are exact and portable. **naive** is what every "
+              "attack on every example, run to the end, would have spent (forward + gradient evaluations): the "
+              "saving of per-example early stop" + (" and of the cascade" if spec.cascade else "") + ".", "",
+              _markdown(costs, digits=1), "", _spending(costs), ""]
+    lines += [              f"Libraries: {versions}.", ""]
     return "\n".join(lines)
+
+
+def _spending(costs: pd.DataFrame) -> str:
+    """The run's model evaluations against the naive count, for the matrix, the checks and both."""
+    parts, spent_all, naive_all = [], 0, 0.0
+    for name, prefix in (("matrix", "Eval"), ("sanity checks", "Sanity")):
+        if f"{prefix} naive" not in costs:
+            continue
+        spent = int(costs[f"{prefix} fwd"].sum() + costs[f"{prefix} grad"].sum())
+        naive = None if costs[f"{prefix} naive"].isna().any() else float(costs[f"{prefix} naive"].sum())
+        parts.append(f"{name} {spent:,} of {'unknown' if naive is None else f'{naive:,.0f}'}"
+                     + ("" if not naive else f" ({spent / naive:.2f})"))
+        spent_all += spent
+        naive_all = None if naive is None or naive_all is None else naive_all + naive
+    total = ("" if not naive_all else
+             f"; the whole run spent {spent_all:,} model evaluations against {naive_all:,.0f} naive, a ratio of "
+             f"**{spent_all / naive_all:.2f}**")
+    return "Model evaluations spent of naive: " + "; ".join(parts) + total + "."
 
 
 def render_sanity(board: Leaderboard, out_dir: Path, *, command: str) -> str:

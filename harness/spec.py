@@ -101,6 +101,7 @@ class BenchmarkSpec:
     rank_by: tuple[Norm, float]
     label_leak_pairs: tuple[tuple[str, str], ...] = ()  # (true-label column, label-free twin column)
     checks: tuple[CheckSpec, ...] = ()
+    cascade: bool = False  # attack columns run on the examples still robust (harness.matrix's docstring)
 
     def eps_grid(self, norm: Norm) -> tuple[float, ...]:
         return dict(self.eps).get(norm, ())
@@ -108,11 +109,18 @@ class BenchmarkSpec:
     def check_context(self):
         from attacks_ext.checks import Context
 
-        return Context(grid=dict(self.eps), rank_by=self.rank_by, eval_examples=self.eval_examples,
-                       defenses=tuple(d.name for d in self.defenses))
+        return _context(dict(self.eps), self.rank_by, self.eval_examples, self.defenses, self.attacks, self.cascade)
 
 
-BENCHMARK_KEYS = {"name", "dataset", "dataset_options", "seed", "eval_examples", "batch_size", "rank_by"}
+def _context(grid, rank_by, eval_examples, defenses, attacks, cascade):
+    from attacks_ext.checks import Column, Context
+
+    columns = tuple(Column(a.label, a.norm, a.family, a.eps, a.attack_id, a.options) for a in attacks)
+    return Context(grid=grid, rank_by=rank_by, eval_examples=eval_examples,
+                   defenses=tuple(d.name for d in defenses), columns=columns, cascade=cascade)
+
+
+BENCHMARK_KEYS = {"name", "dataset", "dataset_options", "seed", "eval_examples", "batch_size", "rank_by", "cascade"}
 EXTERNAL_KEYS = {"factory", "weights", "options"}
 
 
@@ -343,13 +351,14 @@ def load(path: str | Path) -> BenchmarkSpec:
 
     label_leak_pairs = _load_label_leak(path, raw.get("label_leak", {}), attacks)
     eval_examples = _positive_int(path, "benchmark.eval_examples", bench.get("eval_examples", 1000))
-    from attacks_ext.checks import Context
-
-    checks = _load_checks(path, raw.get("checks", {}), Context(grid, (rank_norm, float(rank_eps)), eval_examples,
-                                                               tuple(d.name for d in defenses)))
+    cascade = bench.get("cascade", False)
+    if not isinstance(cascade, bool):
+        _fail(path, "benchmark.cascade", f"must be true or false, got {cascade!r}")
+    checks = _load_checks(path, raw.get("checks", {}), _context(grid, (rank_norm, float(rank_eps)), eval_examples,
+                                                                defenses, attacks, cascade))
 
     return BenchmarkSpec(
-        label_leak_pairs=label_leak_pairs, checks=checks,
+        label_leak_pairs=label_leak_pairs, checks=checks, cascade=cascade,
         name=bench.get("name", path.stem), path=path, dataset=dataset,
         dataset_options=tuple(sorted(dataset_options.items())), seed=seed,
         eval_examples=eval_examples,

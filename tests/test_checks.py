@@ -78,7 +78,7 @@ weights = "softmax.safetensors"
 
 [defenses.pgd-at]             # genuinely robust at small eps
 recipe = "pgd-at"
-epochs = 2
+epochs = 3
 eps = 0.1
 adversary_options = { steps = 5 }
 

@@ -89,15 +89,17 @@ def test_run_resume_and_determinism(tiny_spec, tmp_path, mnist):
         run(tiny_spec, store=store, cache_dir=tmp_path / "ckpt2", device=torch.device("cpu"), progress=False, data=mnist)
         assert vectors(store) == interrupted  # same seed, same numbers, whether interrupted or not
         record = next(r for r in store.cells().values() if r.attack == "pgd" and r.eps == 0.3)
-        assert record.forward_evals == 5 * 60 and record.gradient_evals == 5 * 60
+        # PGD-5 on 60 examples costs 300 gradients run to the end; on a natural model at eps 0.3 early stop
+        # drops most examples within the first steps, and the forward that checks them is the gradient's own
+        assert record.forward_evals == record.gradient_evals < 5 * 60
         assert record.seed > 0 and record.versions["torch"] == torch.__version__ and record.git_commit
         assert record.robust_correct.sum() <= record.clean_correct.sum()
 
 
 class OutOfBudget:
-    name, norm = "broken", None
+    name, norm, family = "broken", None, "iterative"
 
-    def __call__(self, model, x, y, *, eps, generator):
+    def __call__(self, model, x, y, *, eps, generator, stop_when_fooled=False):
         return (x + 2 * eps).clamp(0, 1)
 
 

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks_ext.base import ExampleRandomness
 from attacks_ext.onestep import choose_labels, kurakin_iterations
 from harness.registry import ATTACKS
 
@@ -57,7 +58,7 @@ def test_one_step_matches_its_formula(linear, name):
 
 def test_step_rnd_never_targets_the_true_class_and_covers_the_others():
     y = torch.arange(10).repeat(200)
-    targets = choose_labels(torch.zeros(len(y), 10), y, "random", torch.Generator().manual_seed(0))
+    targets = choose_labels(torch.zeros(len(y), 10), y, "random", ExampleRandomness(0, range(len(y))))
     assert not bool((targets == y).any())
     for label in range(10):
         assert set(targets[y == label].tolist()) == set(range(10)) - {label}
@@ -65,9 +66,8 @@ def test_step_rnd_never_targets_the_true_class_and_covers_the_others():
 
 def test_step_rnd_descends_towards_its_random_target(linear):
     model, x, y = linear
-    generator = torch.Generator().manual_seed(3)
-    got = ATTACKS.get("step-rnd")()(model, x, y, eps=0.05, generator=generator)
-    targets = choose_labels(model(x), y, "random", torch.Generator().manual_seed(3))
+    got = ATTACKS.get("step-rnd")()(model, x, y, eps=0.05, generator=ExampleRandomness(3, range(len(x))))
+    targets = choose_labels(model(x), y, "random", ExampleRandomness(3, range(len(x))))
     expected = (x - 0.05 * ce_gradient(model, x, targets).sign()).clamp(0, 1)
     assert torch.allclose(got, expected.detach(), atol=1e-12)
 

@@ -33,7 +33,7 @@ class SpyAttack(Attack):
     def __init__(self, norm=Norm.LINF):
         super().__init__("spy", norm)
 
-    def run(self, model, x, y, *, eps, generator):
+    def run(self, model, x, y, *, eps, rng):
         SpyAttack.calls.append({"n": len(x), "eps": eps.flatten().clone(), "model": model})
         return x.clone()
 
@@ -194,7 +194,7 @@ def test_overfit_guard_flags_and_stops(tiny_mnist, monkeypatch):
         def __init__(self, **options):
             super().__init__("pgd-linf", Norm.LINF)
 
-        def run(self, model, x, y, *, eps, generator):
+        def run(self, model, x, y, *, eps, rng):
             calls["n"] += 1
             return x.clone() if calls["n"] <= 2 else torch.zeros_like(x)
 

@@ -4,6 +4,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from attacks_ext.base import ExampleRandomness
 from attacks_ext.second_order import SecondOrderAttack
 from harness.counting import EvaluationCounter
 from harness.registry import ATTACKS
@@ -24,10 +25,10 @@ def test_gradient_estimate_converges_to_the_gradient_as_sigma_shrinks():
     torch.manual_seed(0)
     model = nn.Sequential(nn.Flatten(), nn.Linear(16, 32), nn.Tanh(), nn.Linear(32, 10)).eval()
     x, y = torch.rand(16, 1, 4, 4), torch.randint(0, 10, (16,))
-    plain = ATTACKS.get("pgd-linf")().gradient(model, x, y, torch.Generator())
+    plain, _ = ATTACKS.get("pgd-linf")().gradient(model, x, y, ExampleRandomness(0, range(len(x))))
     errors = []
     for sigma in (1e-1, 1e-2, 1e-3):
-        estimate = ATTACKS.get("so-linf")(sigma=sigma, draws=1).gradient(model, x, y, torch.Generator().manual_seed(1))
+        estimate, _ = ATTACKS.get("so-linf")(sigma=sigma, draws=1).gradient(model, x, y, ExampleRandomness(1, range(len(x))))
         errors.append(float((estimate - plain).norm() / plain.norm()))
     assert errors[0] > errors[1] > errors[2] and errors[2] < 1e-2, errors
 
@@ -35,8 +36,8 @@ def test_gradient_estimate_converges_to_the_gradient_as_sigma_shrinks():
 def test_direction_is_the_mean_of_noisy_gradients(natural_model, mnist):
     x, y = mnist.x_test[:32], mnist.y_test[:32]
     attack = SecondOrderAttack("so-linf", Norm.LINF, sigma=0.3, draws=4)
-    ours = attack.gradient(natural_model, x, y, torch.Generator().manual_seed(0))
-    noise = torch.randn((4,) + tuple(x.shape), generator=torch.Generator().manual_seed(0))
+    ours, _ = attack.gradient(natural_model, x, y, ExampleRandomness(0, range(len(x))))
+    noise = ExampleRandomness(0, range(len(x))).randn(4, *x.shape[1:]).transpose(0, 1)  # (draws, N, ...)
     mean_of_gradients = torch.zeros_like(x)
     for r in noise:
         point = (x + 0.3 * r).requires_grad_(True)
@@ -55,8 +56,8 @@ def test_s_o_is_not_pgdrs():
         model[1].weight.mul_(8)
     x, y = torch.rand(64, 1, 4, 4), torch.randint(0, 10, (64,))
     attack = SecondOrderAttack("so-linf", Norm.LINF, sigma=1.0, draws=8)
-    ours = attack.gradient(model, x, y, torch.Generator().manual_seed(0))
-    noise = torch.randn((8,) + tuple(x.shape), generator=torch.Generator().manual_seed(0))
+    ours, _ = attack.gradient(model, x, y, ExampleRandomness(0, range(len(x))))
+    noise = ExampleRandomness(0, range(len(x))).randn(8, *x.shape[1:]).transpose(0, 1)
     point = x.clone().requires_grad_(True)
     probabilities = torch.stack([F.softmax(model(point + 1.0 * r), 1) for r in noise]).mean(0)
     (pgdrs,) = torch.autograd.grad(F.nll_loss(probabilities.log(), y, reduction="sum"), point)

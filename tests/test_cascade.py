@@ -1,0 +1,200 @@
+"""What makes the evaluation waste nothing and stay exact: random draws per (seed, example index), per-example
+early stop, and the cascade over still-robust examples."""
+import numpy as np
+import pytest
+import torch
+from torch import nn
+
+from attacks_ext.base import ExampleRandomness
+from attacks_ext.pgd import ProjectedGradientDescent, random_start
+from harness import report
+from harness import spec as spec_module
+from harness.counting import EvaluationCounter
+from harness.matrix import plan, run
+from harness.registry import ATTACKS
+from harness.store import ResultStore
+from harness.threat import Norm
+
+
+def smooth_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Flatten(), nn.Linear(28 * 28, 64), nn.Tanh(), nn.Linear(64, 10)).eval()
+
+
+@pytest.mark.parametrize("attack_id, options, eps", [
+    ("pgd-linf", {"steps": 5}, 0.2), ("pgd-l2", {"steps": 5}, 1.5), ("so-linf", {"steps": 3, "draws": 2}, 0.2),
+    ("step-rnd", {}, 0.2), ("random-sign", {}, 0.2), ("truncnorm-noise", {}, 0.2),
+])
+def test_draws_depend_only_on_the_seed_and_the_example_index(mnist, attack_id, options, eps):
+    """The same example gets the same adversarial point alone, in any batch size and next to any others."""
+    model, attack = smooth_model(), ATTACKS.get(attack_id)(**options)
+    x, y = mnist.x_test[:12], mnist.y_test[:12]
+    whole = attack(model, x, y, eps=eps, generator=ExampleRandomness(7, range(12)))
+    halves = torch.cat([attack(model, x[:5], y[:5], eps=eps, generator=ExampleRandomness(7, range(5))),
+                        attack(model, x[5:], y[5:], eps=eps, generator=ExampleRandomness(7, range(5, 12)))])
+    picked = [9, 2, 4]
+    shuffled = attack(model, x[picked], y[picked], eps=eps, generator=ExampleRandomness(7, picked))
+    assert torch.allclose(whole, halves, atol=1e-5)
+    assert torch.allclose(whole[picked], shuffled, atol=1e-5)
+    other_seed = attack(model, x, y, eps=eps, generator=ExampleRandomness(8, range(12)))
+    assert not torch.equal(whole, other_seed)
+
+
+def test_example_streams_survive_examples_leaving():
+    rng = ExampleRandomness(3, range(6))
+    first = rng.rand(4)
+    kept = rng.subset(torch.tensor([1, 4]))
+    second_kept = kept.rand(4)
+    again = ExampleRandomness(3, range(6))
+    again.rand(4)
+    assert torch.equal(again.rand(4)[[1, 4]], second_kept) and first.shape == (6, 4)
+    assert ExampleRandomness(3, [0, 1]).library_seed() != ExampleRandomness(3, [0, 2]).library_seed()
+
+
+@pytest.mark.parametrize("norm, eps", [(Norm.LINF, 0.08), (Norm.L2, 1.0)])
+def test_early_stop_equals_the_run_to_the_end_that_keeps_any_misclassified_iterate(natural_model, mnist, norm, eps):
+    x, y = mnist.x_test[:200], mnist.y_test[:200]
+    steps, fraction = 8, 0.25
+    stopped_counter = EvaluationCounter(natural_model)
+    attack = ProjectedGradientDescent("pgd", norm, steps=steps, step_fraction=fraction)
+    stopped = attack(stopped_counter, x, y, eps=eps, generator=ExampleRandomness(5, range(200)), stop_when_fooled=True)
+    with torch.no_grad():
+        stopped_robust = natural_model(stopped).argmax(1) == y
+        # the reference: iterate k of the full run is PGD with k steps from the same start; robust = right at every k
+        robust = natural_model(random_start(x, eps, norm, ExampleRandomness(5, range(200)))).argmax(1) == y
+    full_counter = EvaluationCounter(natural_model)
+    for k in range(1, steps + 1):
+        counter = full_counter if k == steps else natural_model
+        iterate = ProjectedGradientDescent("pgd", norm, steps=k, step_fraction=fraction)(
+            counter, x, y, eps=eps, generator=ExampleRandomness(5, range(200)))
+        with torch.no_grad():
+            robust &= natural_model(iterate).argmax(1) == y
+    assert torch.equal(stopped_robust, robust)
+    assert 0 < int(robust.sum()) < 200  # some examples fall on the way, some never do
+    assert (full_counter.gradient_evals, full_counter.forward_evals) == attack.evaluations_to_end(200, eps)
+    assert stopped_counter.gradient_evals < full_counter.gradient_evals  # what early stop saved
+    assert stopped_counter.forward_evals == stopped_counter.gradient_evals  # no extra forward to check
+
+
+CASCADE_SPEC = """
+[benchmark]
+name = "cascade"
+dataset = "mnist5k"
+eval_examples = 80
+batch_size = 30
+cascade = {cascade}
+
+[eps]
+linf = [0.05, 0.15]
+l2 = [1.0]
+
+[defenses.natural]
+recipe = "natural"
+epochs = 1
+
+[attacks.pgd]                 # listed first: the cascade still runs the one-step columns before it
+attack = "pgd-linf"
+steps = 10
+
+[attacks.fgsm]
+attack = "fgsm"
+
+[attacks.fgsm-pred]
+attack = "fgsm-pred"
+
+[attacks.ta-fgsm]
+attack = "ta-fgsm"
+eps = [0.15]
+
+[attacks.so]
+attack = "so-linf"
+steps = 5
+draws = 2
+eps = [0.15]
+
+[attacks.pgd-l2]
+attack = "pgd-l2"
+steps = 10
+
+[label_leak]
+pairs = [["fgsm", "fgsm-pred"]]
+
+[checks.iterative-beats-one-step]
+examples = 40
+"""
+
+
+def _board(tmp_path, mnist, cascade: bool):
+    folder = tmp_path / f"cascade-{cascade}"
+    folder.mkdir()
+    (folder / "spec.toml").write_text(CASCADE_SPEC.format(cascade=str(cascade).lower()))
+    spec = spec_module.load(folder / "spec.toml")
+    with ResultStore(folder / "results.sqlite") as store:
+        summary = run(spec, store=store, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
+        assert summary.failed == []
+        board = report.build(spec, store, mnist)
+        records = store.cells()
+    return spec, board, records
+
+
+@pytest.mark.slow
+def test_the_cascade_gives_the_worst_case_of_every_attack_on_every_example(tmp_path, mnist):
+    spec, cascaded, records = _board(tmp_path, mnist, True)
+    _, independent, independent_records = _board(tmp_path, mnist, False)
+    worst = [c for c in cascaded.summary.columns if c.startswith("Worst")]
+    assert worst and cascaded.summary[worst].equals(independent.summary[worst])
+    for norm, grid in spec.eps:  # per example, not just the percentages
+        for eps in grid:
+            labels = [a.label for a in spec.attacks if a.norm is norm and eps in a.eps]
+            both = [np.logical_and.reduce([board.outcomes[("natural", label, eps)].robust_correct for label in labels])
+                    for board in (cascaded, independent)]
+            assert np.array_equal(*both) and 0 < both[0].sum() < 80
+    # the label-leak twins ran on every example: their own accuracies, identical in both runs
+    for label in ("fgsm", "fgsm-pred"):
+        for eps in (0.05, 0.15):
+            assert np.array_equal(cascaded.outcomes[("natural", label, eps)].adv_correct,
+                                  independent.outcomes[("natural", label, eps)].adv_correct)
+    # a cascaded column attacked only what was left, and it stored which examples those were
+    pgd = cascaded.outcomes[("natural", "pgd", 0.15)]
+    attacked = pgd.measurements["attacked"]
+    before = [cascaded.outcomes[("natural", "clean", 0.0)]] + [
+        cascaded.outcomes[("natural", label, 0.15)] for label in ("fgsm", "fgsm-pred", "ta-fgsm")]
+    assert np.array_equal(attacked, np.logical_and.reduce([r.robust_correct for r in before]))
+    assert attacked.sum() < 80 and not (pgd.robust_correct & ~attacked).any()
+    spent = lambda frame: float((frame["Eval fwd"] + frame["Eval grad"]).sum())
+    assert spent(cascaded.costs) < spent(independent.costs)
+    # naive is the same count in both runs: every attack on every example, run to the end
+    assert cascaded.costs["Eval naive"].iloc[0] == pytest.approx(independent.costs["Eval naive"].iloc[0])
+    assert spent(independent.costs) < independent.costs["Eval naive"].iloc[0]  # early stop alone saves
+    markdown = report.render_markdown(cascaded, command="test", figure="f.png")
+    assert "**cascade**" in markdown and "Model evaluations spent of naive" in markdown
+    # in a cascade the iterative-vs-one-step check runs its own standalone cells, so it cannot pass trivially
+    verdict = cascaded.verdicts["natural"]["iterative-beats-one-step"]
+    assert verdict.status is not None and "pgd" in verdict.figure
+    requested = [c for c in plan(spec, mnist) if c.check == "iterative-beats-one-step"]
+    assert {c.request for c in requested} >= {"pgd @ 0.05", "fgsm @ 0.15", "so @ 0.15", "pgd-l2 @ 1"}
+    assert all(not c.after and c.examples == 40 for c in requested)
+
+
+def test_a_cascade_cell_depends_on_the_cells_before_it_and_shares_their_seed(tmp_path, mnist):
+    path = tmp_path / "spec.toml"
+    path.write_text(CASCADE_SPEC.format(cascade="true"))
+    spec = spec_module.load(path)
+    cells = [c for c in plan(spec, mnist) if c.check is None]
+    order = [c.label for c in cells if c.eps == 0.15 and c.norm == "linf"]
+    assert order == ["fgsm", "fgsm-pred", "ta-fgsm", "pgd", "so"]
+    by_label = {(c.label, c.eps): c for c in cells}
+    assert by_label[("fgsm", 0.15)].after == () and by_label[("fgsm-pred", 0.15)].after == ()
+    assert by_label[("so", 0.15)].after == (by_label[("clean", 0.0)].key,) + tuple(
+        by_label[(label, 0.15)].key for label in ("fgsm", "fgsm-pred", "ta-fgsm", "pgd"))
+    path.write_text(CASCADE_SPEC.format(cascade="false"))
+    plain = {(c.label, c.eps): c for c in plan(spec_module.load(path), mnist) if c.check is None}
+    assert plain[("pgd", 0.15)].seed == by_label[("pgd", 0.15)].seed  # the draws do not depend on the chain
+    assert plain[("pgd", 0.15)].key != by_label[("pgd", 0.15)].key  # its stored vector does
+
+
+def test_cascade_must_be_a_boolean(tmp_path):
+    path = tmp_path / "spec.toml"
+    path.write_text(CASCADE_SPEC.replace("cascade = {cascade}", 'cascade = "yes"'))
+    with pytest.raises(spec_module.SpecError, match=r"benchmark\.cascade.*true or false"):
+        spec_module.load(path)
