@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from attacks_ext.base import check_eps
+from attacks_ext.label_leak import probe_perturbation_labels
 from attacks_ext.pgd import ProjectedGradientDescent, project
 from attacks_ext.second_order import SecondOrderAttack
 from harness.figures import pyplot, save_figure
@@ -1007,4 +1008,5 @@ PROBES = {
     "linearization": probe_linearization,
     "gradient-trace": probe_gradient_trace,
     "landscape": probe_landscape,
+    "perturbation-labels": probe_perturbation_labels,  # the label-leak board's perturbation probe
 }

@@ -5,12 +5,22 @@ but misclassifies its twin built without the true label (FGSM vs FGSM-pred). The
 opposite. With FGSM-pred as the twin, both examples coincide wherever the clean prediction is right, so
 leaked + reverse can never exceed the clean errors: the bound is reported next to the counts. The
 label-leaking signature is adversarial accuracy above clean accuracy.
+
+The *perturbation probe* (the label-leaking post) asks whether the one-step perturbation itself carries the
+label: a linear classifier (ridge regression on one-hot labels, 5-fold cross-validated) sees only the sign of the input gradient, mapped to clip(sign(g) + 1, 0, 1), and is
+scored on held-out examples, next to the same classifier on the raw pixels and to chance. The gradient is
+built from the true, predicted, least-likely and a random wrong label, and each probe is trained and scored
+against the true label and against the label that built the gradient.
 """
 from __future__ import annotations
 
 from dataclasses import dataclass
 
 import numpy as np
+import torch
+import torch.nn.functional as F
+
+GRADIENT_LABELS = ("true", "predicted", "least-likely", "random")
 
 
 @dataclass(frozen=True)
@@ -45,3 +55,63 @@ def score_label_leak(clean_correct, true_label_correct, label_free_correct) -> L
         leaked=int((true_label & ~free).sum()), reverse=int((~true_label & free).sum()),
         clean_errors=int((~clean).sum()),
     )
+
+
+def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, *, ridge: float = 100.0) -> torch.Tensor:
+    """A ridge-regression classifier on one-hot labels (L2 penalty on the weights, not the bias), solved in
+    closed form in float64: a fixed amount of work and the same answer on every run, where an iterative
+    logistic fit's time and result depend on its convergence. Returns the (features + 1, classes) weights.
+    (ridge 100 is where held-out accuracy plateaus on 400 MNIST examples, for pixels and perturbations alike.)"""
+    design = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], 1)
+    penalty = torch.eye(design.shape[1], dtype=torch.float64) * ridge
+    penalty[-1, -1] = 0.0
+    return torch.linalg.solve(design.T @ design + penalty, design.T @ F.one_hot(labels, classes).double())
+
+
+def held_out_predictions(features: torch.Tensor, labels: torch.Tensor, folds: torch.Tensor, classes: int) -> np.ndarray:
+    """Each example's prediction by the linear probe fitted on the other folds."""
+    predictions = torch.empty(len(labels), dtype=torch.long)
+    for fold in folds.unique():
+        test = folds == fold
+        weights = fit_linear_probe(features[~test], labels[~test], classes)
+        design = torch.cat([features[test].double(), torch.ones(int(test.sum()), 1, dtype=torch.float64)], 1)
+        predictions[test] = (design @ weights).argmax(1)
+    return predictions.numpy()
+
+
+def probe_perturbation_labels(model, x, y, *, generator, folds: int = 5) -> dict[str, np.ndarray]:
+    """Held-out predictions of linear probes on sign-gradient perturbations and on raw pixels (see the module
+    docstring). Stores the labels that built each gradient and every probe's per-example prediction."""
+    with torch.no_grad():
+        logits = model(x)
+    classes = logits.shape[1]
+    offset = torch.randint(1, classes, (len(y),), generator=generator).to(y.device)
+    built_from = {"true": y, "predicted": logits.argmax(1), "least-likely": logits.argmin(1), "random": (y + offset) % classes}
+    order = torch.randperm(len(y), generator=generator)
+    fold_of = torch.empty(len(y), dtype=torch.long)
+    fold_of[order] = torch.arange(len(y)) % folds
+    y_cpu = y.cpu()
+    out = {"true_label": y_cpu.numpy(), "pixels_to_true": held_out_predictions(x.flatten(1).cpu(), y_cpu, fold_of, classes)}
+    for name, labels in built_from.items():
+        x_grad = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_grad), labels, reduction="sum"), x_grad)
+        perturbation = (grad.sign() + 1).clamp(0, 1).flatten(1).cpu()
+        labels = labels.cpu()
+        out[f"{name}_label"] = labels.numpy()
+        out[f"{name}_to_true"] = held_out_predictions(perturbation, y_cpu, fold_of, classes)
+        out[f"{name}_to_own"] = (out[f"{name}_to_true"] if name == "true" else
+                                 held_out_predictions(perturbation, labels, fold_of, classes))
+    return out
+
+
+def perturbation_probe_rows(measurements: dict) -> list[dict]:
+    """Per gradient label: held-out accuracy (%) against the true label and against the building label, next to
+    the raw-pixel probe and chance (the most frequent true label's share)."""
+    true = np.asarray(measurements["true_label"])
+    pixels = 100 * float((measurements["pixels_to_true"] == true).mean())
+    chance = 100 * float(np.bincount(true).max() / len(true))
+    return [{"Gradient": name,
+             "Probe → true label": 100 * float((measurements[f"{name}_to_true"] == true).mean()),
+             "Probe → its own label": 100 * float((measurements[f"{name}_to_own"] == measurements[f"{name}_label"]).mean()),
+             "Raw pixels → true label": pixels, "Chance": chance}
+            for name in GRADIENT_LABELS]

@@ -42,6 +42,7 @@ from harness.threat import verify
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLEAN = "clean"
+LABEL_LEAK = "label-leak"  # the `check` of the perturbation-probe cells: the label-leak board's, not a sanity check's
 
 
 # --- provenance -------------------------------------------------------------------------------------
@@ -242,6 +243,10 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                 cell = _cell(spec, data, defense.name, model_key, attack, eps, source=source, after=after)
                 cells.append(cell)
                 chain.append(cell.key)
+        if spec.perturbation_probe:  # on every evaluation example, 5-fold cross-validated
+            probe = ProbeRequest("perturbation-probe", "perturbation-labels", (("folds", 5),), spec.eval_examples)
+            cells.append(_cell(spec, data, defense.name, model_key, None, 0.0, probe=probe, check=LABEL_LEAK,
+                               request=probe.name))
         for check_id, check in checks:
             for request in check.requests(context):
                 common = dict(examples=request.examples, check=check_id, request=request.name)

@@ -17,10 +17,10 @@ import pandas as pd
 
 from harness.data import Dataset
 from harness.figures import pyplot, save_figure
-from harness.matrix import CLEAN, Cell, cascade_order, code_commit, library_versions, plan, runs_on_every_example
+from harness.matrix import CLEAN, LABEL_LEAK, Cell, cascade_order, code_commit, library_versions, plan, runs_on_every_example
 from harness.spec import BenchmarkSpec
 from attacks_ext.checks import Check, Evidence, Status, Verdict
-from attacks_ext.label_leak import score_label_leak
+from attacks_ext.label_leak import perturbation_probe_rows, score_label_leak
 from harness.store import CellRecord, ResultStore
 from harness.threat import Norm
 
@@ -49,6 +49,7 @@ class Leaderboard:
     checks: dict[str, Check]  # check id -> the configured check
     evidence: dict[str, dict[str, Evidence]]  # check id -> defense -> what that check reads
     verdicts: dict[str, dict[str, Verdict]]  # defense -> check id -> verdict
+    perturbation: dict[str, CellRecord | None]  # defense -> its perturbation-probe cell (label-leak board)
 
 
 def sanity_file(spec: BenchmarkSpec) -> str:
@@ -138,8 +139,9 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
 
     sanity_cells: dict[str, dict[str, CellRecord]] = {}  # defense -> stored check cells, each key once
     for cell in all_cells:
-        if cell.check is not None and cell.key in records:
+        if cell.check in checks and cell.key in records:
             sanity_cells.setdefault(cell.defense, {})[cell.key] = records[cell.key]
+    probes = {cell.defense: cell for cell in all_cells if cell.check == LABEL_LEAK}
 
     summary_rows, detail_rows, costs_rows, curves = [], {norm: [] for norm, _ in spec.eps}, [], {}
     trainings: dict[str, dict] = {}
@@ -173,9 +175,10 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
         summary_rows.append(summary)
         for norm in detail_rows:
             detail_rows[norm].append(details[norm])
-        present = [r for _, r in pairs if r is not None]
+        own = pairs + ([(probes[defense.name], records.get(probes[defense.name].key))] if defense.name in probes else [])
+        present = [r for _, r in own if r is not None]  # the matrix and the label-leak probe
         checked = sanity_cells.get(defense.name, {}).values()
-        matrix_naive = [naive.get(c.key) for c, r in pairs if r is not None]
+        matrix_naive = [naive.get(c.key) for c, r in own if r is not None]
         checks_naive = [naive.get(key) for key in sanity_cells.get(defense.name, {})]
         trainings[defense.name] = training
         costs_rows.append({
@@ -205,8 +208,9 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     commits = sorted({r.git_commit for r in all_records})
     versions = all_records[0].versions if all_records else library_versions()
     outcomes = {(c.defense, c.label, c.eps): records.get(c.key) for c in cells}
+    perturbation = {name: records.get(cell.key) for name, cell in probes.items()}
     return Leaderboard(spec, summary, details, curves, costs, trainings, outcomes, missing, commits, versions,
-                       checks, evidence, verdicts)
+                       checks, evidence, verdicts, perturbation)
 
 
 def _total(costs: list[tuple[float, float] | None]) -> float | None:
@@ -488,7 +492,20 @@ def render_label_leak_figure(spec: BenchmarkSpec, frame: pd.DataFrame, path: Pat
     save_figure(fig, path, dpi=110)
 
 
-def render_label_leak_markdown(spec: BenchmarkSpec, frame: pd.DataFrame, *, command: str, commit: str, figure: str) -> str:
+def perturbation_probe_frame(board: Leaderboard) -> pd.DataFrame:
+    """One row per (defense, gradient label): held-out accuracy of the linear probes, from the stored cell."""
+    rows = []
+    for defense in board.spec.defenses:
+        record = board.perturbation.get(defense.name)
+        if record is None:
+            rows.append({"Defense": defense.name})
+            continue
+        rows += [{"Defense": defense.name, **row} for row in perturbation_probe_rows(record.measurements)]
+    return pd.DataFrame(rows)
+
+
+def render_label_leak_markdown(spec: BenchmarkSpec, frame: pd.DataFrame, *, command: str, commit: str, figure: str,
+                               probe: pd.DataFrame | None = None) -> str:
     lines = [
         f"# Label leaking: {spec.name}",
         "",
@@ -509,6 +526,22 @@ def render_label_leak_markdown(spec: BenchmarkSpec, frame: pd.DataFrame, *, comm
         f"![accuracy vs eps, true-label and label-free]({figure})",
         "",
     ]
+    if probe is not None:
+        lines += [
+            "## Perturbation probe",
+            "",
+            "Does the one-step perturbation itself carry the label? A linear classifier (ridge regression on "
+            "one-hot labels, ridge 100, 5-fold cross-validated on the same test examples) sees only the sign of the input gradient, "
+            "mapped to clip(sign(g) + 1, 0, 1), and predicts the true label (**→ true label**) or the label that "
+            "built the gradient (**→ its own label**); **Raw pixels** is the same classifier on the images, "
+            "**Chance** the most frequent label's share. The gradient is built from the true, the predicted, the "
+            "least-likely and a random wrong label. A perturbation from the true label that predicts it far better "
+            "than the pixels do carries the label; compare with the wrong-label rows before reading it as leaking: "
+            "any class-conditional gradient encodes the class it was built from.",
+            "",
+            _markdown(probe),
+            "",
+        ]
     return "\n".join(lines)
 
 
@@ -533,8 +566,9 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
         leak_figure = Path("figures") / f"{spec.name}-label-leaking.png"
         render_label_leak_figure(spec, frame, out_dir / leak_figure)
         leak_path = out_dir / ("label-leaking.md" if spec.name == "mnist-quick" else f"{spec.name}-label-leaking.md")
-        leak_path.write_text(render_label_leak_markdown(spec, frame, command=command, figure=leak_figure.as_posix(),
-                                                        commit=", ".join(board.commits) or code_commit()))
+        leak_path.write_text(render_label_leak_markdown(
+            spec, frame, command=command, figure=leak_figure.as_posix(), commit=", ".join(board.commits) or code_commit(),
+            probe=perturbation_probe_frame(board) if spec.perturbation_probe else None))
         paths.append(leak_path)
     return paths
 
@@ -543,7 +577,7 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
 
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 NUMBERS_IN_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
-KEY_HEADERS = {"Defense", "Twins", "eps", "Check", "Column"}  # leading columns that name a row
+KEY_HEADERS = {"Defense", "Twins", "eps", "Check", "Column", "Gradient"}  # leading columns that name a row
 
 
 def _same_text(committed: str, fresh: str, tolerance: float) -> bool:

@@ -9,7 +9,7 @@ Every error names the file and the TOML key that is wrong, and what is allowed t
     [attacks.ID]  attack = "<ATTACKS id>" + the attack's options, optional eps = [...] (a subset of the grid),
                   optional source = "<defense>" (a transfer column: crafted on that defense's model)
     [checks.ID]   a sanity check by its CHECKS id + the check's options (`python -m harness list checks`)
-    [label_leak]  pairs = [["<true-label column>", "<label-free twin column>"], ...]
+    [label_leak]  pairs = [["<true-label column>", "<label-free twin column>"], ...], perturbation_probe = true
 """
 from __future__ import annotations
 
@@ -102,6 +102,7 @@ class BenchmarkSpec:
     label_leak_pairs: tuple[tuple[str, str], ...] = ()  # (true-label column, label-free twin column)
     checks: tuple[CheckSpec, ...] = ()
     cascade: bool = False  # attack columns run on the examples still robust (harness.matrix's docstring)
+    perturbation_probe: bool = False  # [label_leak] perturbation_probe: linear probes on sign-gradient perturbations
 
     def eps_grid(self, norm: Norm) -> tuple[float, ...]:
         return dict(self.eps).get(norm, ())
@@ -247,7 +248,9 @@ def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ..
 
 def _load_label_leak(path, table: dict, attacks: tuple[AttackSpec, ...]) -> tuple[tuple[str, str], ...]:
     """[label_leak] pairs = [["<true-label column>", "<label-free twin column>"], ...]"""
-    _check_keys(path, "label_leak", table, {"pairs"})
+    _check_keys(path, "label_leak", table, {"pairs", "perturbation_probe"})
+    if not isinstance(table.get("perturbation_probe", False), bool):
+        _fail(path, "label_leak.perturbation_probe", f"must be true or false, got {table['perturbation_probe']!r}")
     pairs = table.get("pairs", [])
     by_label = {a.label: a for a in attacks}
     out = []
@@ -350,6 +353,7 @@ def load(path: str | Path) -> BenchmarkSpec:
         rank_eps = max(grid[rank_norm])
 
     label_leak_pairs = _load_label_leak(path, raw.get("label_leak", {}), attacks)
+    perturbation_probe = raw.get("label_leak", {}).get("perturbation_probe", False)
     eval_examples = _positive_int(path, "benchmark.eval_examples", bench.get("eval_examples", 1000))
     cascade = bench.get("cascade", False)
     if not isinstance(cascade, bool):
@@ -358,7 +362,7 @@ def load(path: str | Path) -> BenchmarkSpec:
                                                                 defenses, attacks, cascade))
 
     return BenchmarkSpec(
-        label_leak_pairs=label_leak_pairs, checks=checks, cascade=cascade,
+        label_leak_pairs=label_leak_pairs, checks=checks, cascade=cascade, perturbation_probe=perturbation_probe,
         name=bench.get("name", path.stem), path=path, dataset=dataset,
         dataset_options=tuple(sorted(dataset_options.items())), seed=seed,
         eval_examples=eval_examples,

@@ -1,8 +1,9 @@
 """Label-leak scoring against a direct computation, and its place in the spec and the board."""
 import numpy as np
 import pytest
+import torch
 
-from attacks_ext.label_leak import score_label_leak
+from attacks_ext.label_leak import held_out_predictions, perturbation_probe_rows, probe_perturbation_labels, score_label_leak
 from harness import report, spec as spec_module
 from harness.matrix import plan
 from harness.store import CellRecord, ResultStore
@@ -79,3 +80,53 @@ def test_board_from_stored_vectors(tmp_path, mnist):
     # the drift check tells rows apart by their leading text cells (defense, twins, eps)
     tables = report.parse_tables(markdown)
     assert ("Leaked-label counts", "natural | fgsm / fgsm-pred | ε=0.3", "Leaked") in tables
+
+
+def test_perturbation_probe_reads_the_label_off_the_true_label_gradient(natural_model, mnist):
+    """The label-leaking post's probe on a natural model: the sign of the true-label gradient predicts the true
+    label better than the pixels do, and every gradient predicts the label that built it."""
+    measurements = probe_perturbation_labels(natural_model, mnist.x_test[:300], mnist.y_test[:300],
+                                             generator=torch.Generator().manual_seed(0))
+    rows = {row["Gradient"]: row for row in perturbation_probe_rows(measurements)}
+    assert list(rows) == ["true", "predicted", "least-likely", "random"]
+    true = rows["true"]
+    assert true["Probe → true label"] == true["Probe → its own label"]
+    assert true["Probe → true label"] > true["Raw pixels → true label"] > 5 * true["Chance"] / 2
+    assert all(row["Probe → its own label"] > 80 for row in rows.values())
+    random_labels = measurements["random_label"]
+    assert not (random_labels == measurements["true_label"]).any()  # a random *wrong* label
+
+
+def test_linear_probe_is_deterministic_and_fits_a_separable_problem():
+    generator = torch.Generator().manual_seed(0)
+    features = torch.rand(2000, 5, generator=generator)
+    labels = (features[:, 0] > 0.5).long()
+    folds = torch.arange(2000) % 4
+    first = held_out_predictions(features, labels, folds, 2)
+    assert np.array_equal(first, held_out_predictions(features, labels, folds, 2))
+    assert (first == labels.numpy()).mean() > 0.9
+
+
+def test_perturbation_probe_on_the_board(tmp_path, mnist, natural_model):
+    path = tmp_path / "leak.toml"
+    path.write_text(LEAK_SPEC + "perturbation_probe = true\n")
+    spec = spec_module.load(path)
+    probe_cells = [c for c in plan(spec, mnist) if c.probe is not None]
+    assert [(c.check, c.request, c.examples) for c in probe_cells] == [("label-leak", "perturbation-probe", 60)]
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        clean = np.ones(60, bool)
+        for cell in plan(spec, mnist):
+            measurements = {}
+            if cell.probe is not None:
+                measurements = probe_perturbation_labels(natural_model, mnist.x_test[:60], mnist.y_test[:60],
+                                                         generator=torch.Generator().manual_seed(cell.seed))
+            store.write_cell(CellRecord(cell.key, "t", cell.defense, cell.defense_key, cell.label, "x", {}, cell.norm,
+                                        cell.eps, clean, clean, 1.0, 1, 1, cell.seed, {}, "c", "cpu", "now",
+                                        measurements=measurements))
+        paths = report.write(spec, store, mnist, tmp_path / "out", command="test")
+    tables = report.parse_tables(paths[1].read_text())
+    assert {row for heading, row, _ in tables if heading == "Perturbation probe"} == {"natural | true", "natural | predicted",
+                                                                                    "natural | least-likely", "natural | random"}
+    path.write_text(LEAK_SPEC + "perturbation_probe = 1\n")
+    with pytest.raises(spec_module.SpecError, match=r"label_leak.perturbation_probe.*true or false"):
+        spec_module.load(path)
