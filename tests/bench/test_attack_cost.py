@@ -28,14 +28,13 @@ def library(name: str) -> str:
 
 
 def family(name: str) -> str:
+    """The benchmark group: the attack's own family, with PGD-like attacks (PGD, APGD, S-O) apart from the
+    other iterative ones."""
+    declared = ATTACKS.get(name)().family
+    if declared in ("noise", "gradient-free", "one-step"):
+        return declared
     base = name.removeprefix("ta-").removeprefix("art-")
-    if base.startswith(("pgd", "apgd")):
-        return "pgd"
-    if base.startswith(("iter",)):
-        return "iterative"
-    if base in ("random-sign", "truncnorm-noise"):
-        return "noise"
-    return "one-step"
+    return "pgd" if base.startswith(("pgd", "apgd", "so-")) else "iterative"
 
 
 @pytest.fixture(scope="module")
