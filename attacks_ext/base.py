@@ -77,7 +77,7 @@ class ExampleRandomness:
 
     def subset(self, keep: torch.Tensor) -> "ExampleRandomness":
         """The streams of the examples at positions `keep` (an index tensor), sharing their state."""
-        positions = [int(k) for k in keep]
+        positions = keep.tolist()
         return ExampleRandomness(self.seed, [self.indices[k] for k in positions],
                                  _generators=[self._generators[k] for k in positions])
 

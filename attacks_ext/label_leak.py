@@ -20,6 +20,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from attacks_ext.pgd import cross_entropy_gradient
+
 GRADIENT_LABELS = ("true", "predicted", "least-likely", "random")
 
 
@@ -93,8 +95,7 @@ def probe_perturbation_labels(model, x, y, *, generator, folds: int = 5) -> dict
     y_cpu = y.cpu()
     out = {"true_label": y_cpu.numpy(), "pixels_to_true": held_out_predictions(x.flatten(1).cpu(), y_cpu, fold_of, classes)}
     for name, labels in built_from.items():
-        x_grad = x.detach().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(model(x_grad), labels, reduction="sum"), x_grad)
+        grad, _ = cross_entropy_gradient(model, x, labels)
         perturbation = (grad.sign() + 1).clamp(0, 1).flatten(1).cpu()
         labels = labels.cpu()
         out[f"{name}_label"] = labels.numpy()

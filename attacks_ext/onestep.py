@@ -107,6 +107,15 @@ def kurakin_iterations(eps) -> int:
     return math.ceil(min(eps_255 + 4, 1.25 * eps_255) - 1e-9)
 
 
+def _ascending_cross_entropy(model, x_at, labels, rng):
+    return cross_entropy_gradient(model, x_at, labels)
+
+
+def _descending_cross_entropy(model, x_at, labels, rng):  # towards `labels`: follow minus the gradient
+    grad, logits = cross_entropy_gradient(model, x_at, labels)
+    return -grad, logits
+
+
 class BasicIterativeAttack(Attack):
     """Kurakin's iter. basic (ascend the true label's loss) and iter. l.l. (descend towards the least
     likely class of the clean prediction), step 1/255, projected onto the eps-ball and [0, 1]."""
@@ -119,20 +128,12 @@ class BasicIterativeAttack(Attack):
         self.least_likely, self.step_size = least_likely, step_size
 
     def run(self, model, x, y, *, eps, rng, stop_when_fooled=False):
-        if not self.least_likely:
-            def gradient(model, x_at, y_at, rng):
-                return cross_entropy_gradient(model, x_at, y_at)
-        else:
+        target, gradient = None, _ascending_cross_entropy
+        if self.least_likely:  # towards the clean prediction's least-likely class, fixed for the whole walk
             with torch.no_grad():
-                target = model(x).argmin(1)
-            position = {int(i): k for k, i in enumerate(rng.indices)}
-
-            def gradient(model, x_at, y_at, rng):  # descend towards each example's own least-likely class
-                labels = target[[position[i] for i in rng.indices]]
-                grad, logits = cross_entropy_gradient(model, x_at, labels)
-                return -grad, logits
+                target, gradient = model(x).argmin(1), _descending_cross_entropy
         return ascend(model, x, y, x, steps=kurakin_iterations(eps), step=self.step_size, eps=eps, norm=Norm.LINF,
-                      gradient=gradient, rng=rng, stop_when_fooled=stop_when_fooled)
+                      gradient=gradient, rng=rng, stop_when_fooled=stop_when_fooled, target=target)
 
     def evaluations_to_end(self, examples: int, eps: float) -> tuple[int, int]:
         count = examples * kurakin_iterations(eps)

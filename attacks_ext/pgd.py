@@ -67,30 +67,36 @@ def _rows(value, keep: torch.Tensor):
     return value[keep] if isinstance(value, torch.Tensor) and value.ndim > 0 else value
 
 
-# gradient(model, x_at, y, rng) -> (ascent gradient, logits at x_at or None when the gradient did not compute them)
+# gradient(model, x_at, labels_at, rng) -> (ascent gradient, logits at x_at or None when it did not compute them)
 Gradient = Callable[[nn.Module, torch.Tensor, torch.Tensor, ExampleRandomness], tuple[torch.Tensor, torch.Tensor | None]]
 
 
 def ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, steps: int, step, eps,
-           norm: Norm, gradient: Gradient, rng: ExampleRandomness, stop_when_fooled: bool = False) -> torch.Tensor:
+           norm: Norm, gradient: Gradient, rng: ExampleRandomness, stop_when_fooled: bool = False,
+           target: torch.Tensor | None = None) -> torch.Tensor:
     """The one iterative loop: `steps` times x_adv <- Proj(x_adv + step * direction(gradient)).
 
-    With `stop_when_fooled`, an example whose iterate the model misclassifies leaves the loop at once and keeps
-    that iterate; the check reads the logits the gradient already computed where it can (no extra forward).
+    `gradient` sees the rows still in play with their `target` labels (default: the true labels `y`). With
+    `stop_when_fooled`, an example whose iterate the model misclassifies (against `y`) leaves the loop at once and
+    keeps that iterate; the check reads the logits the gradient already computed where it can (no extra forward).
     Every example's trajectory depends only on its own data and random stream, so its outcome equals that of
     the same attack run to the end that keeps any misclassified iterate."""
+    target = y if target is None else target
     x_adv = x_adv.clone()
     active = torch.arange(len(x), device=x.device)
+    streams = rng
     for _ in range(steps):
-        grad, logits = gradient(model, x_adv[active], y[active], rng.subset(active.cpu()))
+        grad, logits = gradient(model, x_adv[active], target[active], streams)
         if stop_when_fooled:
             if logits is None:
                 with torch.no_grad():
                     logits = model(x_adv[active])
             still = logits.argmax(1) == y[active]
-            active, grad = active[still], grad[still]
-            if len(active) == 0:
-                break
+            if not bool(still.all()):  # the active set changed: keep the remaining examples' streams
+                active, grad = active[still], grad[still]
+                if len(active) == 0:
+                    break
+                streams = rng.subset(active.cpu())
         moved = x_adv[active].detach() + _rows(step, active) * ascent_direction(grad, norm)
         x_adv[active] = project(moved, x[active], _rows(eps, active), norm)
     return x_adv

@@ -214,12 +214,11 @@ def cascade_order(spec: BenchmarkSpec) -> list[AttackSpec]:
     Kurakin's count needs clean-misclassified examples too), then white-box columns (one-step, iterative),
     then noise, gradient-free and transfer ones, each group in TOML order. White-box columns run before the
     others so that the sanity checks can tell what only the gradient-free or transfer attacks broke."""
-    full = {label for pair in spec.label_leak_pairs for label in pair}
-    return sorted(spec.attacks, key=lambda a: (a.label not in full, FAMILY_ORDER.index(a.family)))
+    return sorted(spec.attacks, key=lambda a: (a.label not in spec.label_leak_columns, FAMILY_ORDER.index(a.family)))
 
 
 def runs_on_every_example(spec: BenchmarkSpec, attack: AttackSpec) -> bool:
-    return not spec.cascade or attack.label in {label for pair in spec.label_leak_pairs for label in pair}
+    return not spec.cascade or attack.label in spec.label_leak_columns
 
 
 def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:

@@ -104,6 +104,11 @@ class BenchmarkSpec:
     cascade: bool = False  # attack columns run on the examples still robust (harness.matrix's docstring)
     perturbation_probe: bool = False  # [label_leak] perturbation_probe: linear probes on sign-gradient perturbations
 
+    @property
+    def label_leak_columns(self) -> frozenset[str]:
+        """The columns named by a label-leak pair: they run on every example, cascade or not."""
+        return frozenset(label for pair in self.label_leak_pairs for label in pair)
+
     def eps_grid(self, norm: Norm) -> tuple[float, ...]:
         return dict(self.eps).get(norm, ())
 
