@@ -62,6 +62,8 @@ class AttackRequest:
     examples: int
     restart: int = 0  # independent repetitions of the same attack get their own cell (and seed)
     source: str | None = None  # a defense of the benchmark to craft on (a transfer attack); None: the target itself
+    after: tuple[str, ...] = ()  # names of this check's earlier requests: attack only the examples they all left
+    #                              robust (the stored vector is then cumulative); (): every example
 
 
 @dataclass(frozen=True)
@@ -326,7 +328,9 @@ class RestartSweep(_Sweep):
 
     def requests(self, context):
         eps = _default_eps(context, self.norm, self.eps_option)
-        return tuple(AttackRequest(f"restart {r + 1}", self.attack, (("steps", self.steps),), eps, self.examples, restart=r)
+        # Only the examples every earlier restart left robust matter to the curve, so each restart attacks those.
+        return tuple(AttackRequest(f"restart {r + 1}", self.attack, (("steps", self.steps),), eps, self.examples, restart=r,
+                                   after=(f"restart {r}",) if r else ())
                      for r in range(self.restarts))
 
     def _curve(self, evidence):

@@ -1,4 +1,5 @@
-"""Reference projected gradient descent (Madry et al. 2018), Linf and L2, on cross-entropy.
+"""Reference projected gradient descent (Madry et al. 2018), Linf and L2, on cross-entropy or on the
+Carlini-Wagner margin loss.
 
 Written out in full so the harness has an implementation it controls, to check the libraries' PGD
 against and to use as the adversary in adversarial training. Random starts draw from each example's own
@@ -110,8 +111,23 @@ def cross_entropy_gradient(model: nn.Module, x_at: torch.Tensor, labels: torch.T
     return grad, logits.detach()
 
 
+def margin_gradient(model: nn.Module, x_at: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x sum_i [max_{j != y_i} z_j - z_{y_i}], the logits at x_at): the Carlini-Wagner margin loss
+    (their f_6 without the confidence clamp), which does not saturate where the softmax does."""
+    x_at = x_at.detach().requires_grad_(True)
+    logits = model(x_at)
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+    (grad,) = torch.autograd.grad((others - true).sum(), x_at)
+    return grad, logits.detach()
+
+
+LOSSES = {"ce": cross_entropy_gradient, "cw": margin_gradient}
+
+
 class ProjectedGradientDescent(Attack):
-    """PGD on the cross-entropy of the true label; `steps` iterations of size `step_fraction * eps`.
+    """PGD on the true label's cross-entropy (`loss="ce"`) or Carlini-Wagner margin (`loss="cw"`); `steps`
+    iterations of size `step_fraction * eps`.
 
     Linf steps along sign(grad), L2 along grad / ||grad||_2; each iterate is projected onto the
     eps-ball and [0, 1]. Returns the last iterate, or with early stop the first misclassified one.
@@ -123,15 +139,18 @@ class ProjectedGradientDescent(Attack):
     draws = 1  # model evaluations per example and step
 
     def __init__(self, name: str, norm: Norm, *, steps: int = 40, step_fraction: float | None = None,
-                 random_start: bool = True):
+                 random_start: bool = True, loss: str = "ce"):
         super().__init__(name, norm, uses_true_label=True)
         self.step_fraction = madry_step_fraction(steps, step_fraction)
         self.steps = int(steps)
         self.random_start = bool(random_start)
+        if loss not in LOSSES:
+            raise ValueError(f"loss {loss!r} unknown; allowed: {', '.join(map(repr, LOSSES))}")
+        self.loss = loss
 
     def gradient(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, rng: ExampleRandomness):
-        """The ascent direction's source: the cross-entropy gradient at x_adv (subclasses estimate it otherwise)."""
-        return cross_entropy_gradient(model, x_adv, y)
+        """The ascent direction's source: the loss gradient at x_adv (subclasses estimate it otherwise)."""
+        return LOSSES[self.loss](model, x_adv, y)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, rng: ExampleRandomness,
             stop_when_fooled: bool = False) -> torch.Tensor:
@@ -145,12 +164,16 @@ class ProjectedGradientDescent(Attack):
 
 
 @ATTACKS.register("pgd-linf")
-def pgd_linf(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True) -> Attack:
-    """Our reference PGD, Linf (Madry et al. 2018)."""
-    return ProjectedGradientDescent("pgd-linf", Norm.LINF, steps=steps, step_fraction=step_fraction, random_start=random_start)
+def pgd_linf(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True,
+             loss: str = "ce") -> Attack:
+    """Our reference PGD, Linf (Madry et al. 2018); loss "ce" (cross-entropy) or "cw" (Carlini-Wagner margin)."""
+    return ProjectedGradientDescent("pgd-linf", Norm.LINF, steps=steps, step_fraction=step_fraction,
+                                    random_start=random_start, loss=loss)
 
 
 @ATTACKS.register("pgd-l2")
-def pgd_l2(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True) -> Attack:
-    """Our reference PGD, L2 (Madry et al. 2018)."""
-    return ProjectedGradientDescent("pgd-l2", Norm.L2, steps=steps, step_fraction=step_fraction, random_start=random_start)
+def pgd_l2(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True,
+           loss: str = "ce") -> Attack:
+    """Our reference PGD, L2 (Madry et al. 2018); loss "ce" (cross-entropy) or "cw" (Carlini-Wagner margin)."""
+    return ProjectedGradientDescent("pgd-l2", Norm.L2, steps=steps, step_fraction=step_fraction,
+                                    random_start=random_start, loss=loss)

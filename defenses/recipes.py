@@ -110,6 +110,7 @@ class Recipe:
                 self._fail(f"{key} must be in [0, 1], got {value!r}")
         if self.eps_sigma is not None and not (isinstance(self.eps_sigma, (int, float)) and self.eps_sigma > 0):
             self._fail(f"eps_sigma must be > 0 (or absent for a fixed eps), got {self.eps_sigma!r}")
+        # Only our own attacks take per-example eps, which is also why library adapters are not training code.
         if self.adversary is not None:
             attack = ATTACKS.get(self.adversary)(**dict(self.adversary_options))
             if not attack.per_example_eps:
@@ -121,7 +122,11 @@ class Recipe:
         if self.mixed_adversary is not None:
             if self.adversary is None:
                 self._fail("mixed_adversary alternates with adversary, which is missing")
-            self._check_budget("mixed_eps", self.mixed_eps, ATTACKS.get(self.mixed_adversary)().norm)
+            mixed = ATTACKS.get(self.mixed_adversary)()
+            if not mixed.per_example_eps:
+                self._fail(f"mixed_adversary {self.mixed_adversary!r} takes one eps per batch; training needs one of "
+                           "our own attacks (per-example eps)")
+            self._check_budget("mixed_eps", self.mixed_eps, mixed.norm)
         if self.loss == "trades" and (self.adversary is not None or self.eps <= 0 or self.eps > 1):
             self._fail("loss 'trades' crafts its own Linf examples: give eps in (0, 1] and no adversary")
         if self.ensemble_sources and self.adversary is None:

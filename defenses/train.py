@@ -34,7 +34,7 @@ REPO_ROOT = Path(__file__).resolve().parent.parent
 # Source that decides what a recipe trains into; editing any of it invalidates the cached checkpoints.
 TRAINING_CODE = ("defenses", "attacks_ext", "harness/models.py", "harness/data.py", "harness/counting.py")
 # Modules there that only score stored results or measure finished models; they never shape a trained one.
-NOT_TRAINING_CODE = ("attacks_ext/checks.py", "attacks_ext/label_leak.py")
+NOT_TRAINING_CODE = ("attacks_ext/checks.py", "attacks_ext/label_leak.py", "attacks_ext/adapters.py")
 
 
 def training_code_version() -> str:

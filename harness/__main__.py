@@ -1,4 +1,4 @@
-"""Command line: `python -m harness run|report|check|list`."""
+"""Command line: `python -m harness run|report|check|list|attack-cost|strength-per-cost`."""
 from __future__ import annotations
 
 import argparse
@@ -12,6 +12,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = "benchmarks/mnist-quick.toml"
 LISTS = ("attacks", "defenses", "models", "datasets", "checks")
+STRENGTH_JSON = REPO_ROOT / ".benchmarks" / "strength-per-cost.json"
 
 
 def default_home() -> Path:
@@ -39,7 +40,35 @@ def _parser() -> argparse.ArgumentParser:
                           description="render leaderboards/attack-cost.md from pytest-benchmark's saved JSON")
     cost.add_argument("json", nargs="?", type=Path, default=REPO_ROOT / ".benchmarks" / "attack-cost.json")
     cost.add_argument("--out", type=Path, default=REPO_ROOT / "leaderboards", help="leaderboard folder")
+    cost.add_argument("--strength", type=Path, default=STRENGTH_JSON,
+                      help="strength-per-cost JSON to include when it exists (default .benchmarks/strength-per-cost.json)")
+    text = "run a benchmark's worst-case cascade and AutoAttack side by side on one defense; write their cost as JSON"
+    strength = sub.add_parser("strength-per-cost", help=text, description=text)
+    strength.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"benchmark TOML (default {DEFAULT_SPEC})")
+    strength.add_argument("--defense", default="pgd-at", help="a defense of the benchmark (default pgd-at)")
+    strength.add_argument("--norm", default="linf", help="linf or l2 (default linf)")
+    strength.add_argument("--eps", type=float, default=0.3, help="an eps of the benchmark's grid (default 0.3)")
+    strength.add_argument("--json", type=Path, default=STRENGTH_JSON, help="where to write the result")
+    strength.add_argument("--home", type=Path, default=None, help="checkpoint cache folder's parent (default $HARNESS_HOME or ./.harness)")
+    strength.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
+    strength.add_argument("--no-progress", action="store_true", help="no progress bars")
     return parser
+
+
+def _strength(args) -> int:
+    from harness import spec as spec_module, strength
+    from harness.matrix import resolve_device
+    from harness.threat import Norm
+
+    spec = spec_module.load(args.spec)
+    result = strength.compare(spec, defense=args.defense, norm=Norm.parse(args.norm), eps=args.eps,
+                              cache_dir=(args.home or default_home()) / "checkpoints",
+                              device=resolve_device(args.device), progress=not args.no_progress)
+    for row in result["rows"]:
+        print(f"harness: {row['label']}: {row['robust']:.1f}% robust, "
+              f"{row['forward_evals'] + row['gradient_evals']} model evaluations, {row['seconds']:.1f} s")
+    print(f"harness: wrote {strength.write(result, args.json)}")
+    return 0
 
 
 def _list(what: str) -> int:
@@ -95,7 +124,7 @@ def main(argv: list[str] | None = None) -> int:
         from harness.attack_cost import render
 
         try:
-            path = render(args.json, args.out, command="tox -e bench")
+            path = render(args.json, args.out, command="tox -e bench", strength=args.strength)
         except (FileNotFoundError, ValueError) as error:
             print(f"harness: error: {error}", file=sys.stderr)
             return 2
@@ -104,6 +133,8 @@ def main(argv: list[str] | None = None) -> int:
     from harness.spec import SpecError
 
     try:
+        if args.command == "strength-per-cost":
+            return _strength(args)
         if args.command in ("run", "report"):
             _run_and_render(args, args.home or default_home(), args.out, compute=args.command == "run")
             return 0

@@ -160,6 +160,8 @@ class Cell:
     request: str | None = None  # the check's name for it
     source: str | None = None  # transfer: the defense whose model crafts the examples; None: the target itself
     after: tuple[str, ...] = ()  # cascade: keys of the cells whose survivors this cell attacks; (): every example
+    reuses: str | None = None  # a matrix cell of the same attack and seed whose attacked examples' outcomes this
+    #                            cell takes over; it attacks only the clean-correct examples that cell skipped
 
     @property
     def label(self) -> str:
@@ -177,7 +179,8 @@ class Cell:
 
 def _cell(spec: BenchmarkSpec, data: Dataset, defense: str, model_key: str, attack: AttackSpec | None, eps: float, *,
           examples: int | None = None, restart: int = 0, probe: ProbeRequest | None = None, check: str | None = None,
-          request: str | None = None, source: tuple[str, str] | None = None, after: tuple[str, ...] = ()) -> Cell:
+          request: str | None = None, source: tuple[str, str] | None = None, after: tuple[str, ...] = (),
+          reuses: str | None = None) -> Cell:
     """A cell keyed by everything that decides its outcome (and nothing that does not: the check that asked
     for it is not part of its identity, so identical requests share one cell).
 
@@ -200,10 +203,12 @@ def _cell(spec: BenchmarkSpec, data: Dataset, defense: str, model_key: str, atta
         identity["source"] = source[1]
     if after:
         identity["after"] = list(after)
+    if reuses is not None:
+        identity["reuses"] = reuses
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
     seed = int(hashlib.sha256(json.dumps(randomness, sort_keys=True, default=str).encode()).hexdigest()[:8], 16)
     return Cell(key, defense, model_key, attack, eps, seed, examples, probe, check, request,
-                None if source is None else source[0], tuple(after))
+                None if source is None else source[0], tuple(after), reuses)
 
 
 FAMILY_ORDER = ("one-step", "iterative", "noise", "gradient-free", "transfer")
@@ -221,10 +226,20 @@ def runs_on_every_example(spec: BenchmarkSpec, attack: AttackSpec) -> bool:
     return not spec.cascade or attack.label in spec.label_leak_columns
 
 
+def _same_draws(attack: AttackSpec, eps: float) -> tuple:
+    """What decides an attack cell's seed and outcome per example, apart from the examples it runs on."""
+    return attack.attack_id, tuple(sorted(attack.options)), attack.norm.value, eps
+
+
 def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
     """Every cell of the matrix, then every cell its sanity checks ask for. Two checks asking for the same
     evidence get cells with the same key; `run` computes each key once. In a cascade a cell comes after the
-    cells it depends on."""
+    cells it depends on.
+
+    A check's attack request that repeats a matrix column (same attack, options and eps, no restart, crafted
+    on the target) reuses that column's cell: each example's draws come from (cell seed, example index) and
+    the seeds are equal, so the column's outcome on every example it attacked is the request's outcome there,
+    and the request only attacks the clean-correct examples the column skipped (a cascade's fallen ones)."""
     cells = []
     keys = defense_keys(spec, data)
     context = spec.check_context()
@@ -234,6 +249,7 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
         clean = _cell(spec, data, defense.name, model_key, None, 0.0)
         cells.append(clean)
         chains: dict[tuple[str, float], list[str]] = {}
+        columns: dict[tuple, Cell] = {}
         for attack in cascade_order(spec) if spec.cascade else spec.attacks:
             for eps in attack.eps:
                 chain = chains.setdefault((attack.norm.value, eps), [clean.key])
@@ -242,11 +258,14 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                 cell = _cell(spec, data, defense.name, model_key, attack, eps, source=source, after=after)
                 cells.append(cell)
                 chain.append(cell.key)
+                if source is None:
+                    columns.setdefault(_same_draws(attack, eps), cell)
         if spec.perturbation_probe:  # on every evaluation example, 5-fold cross-validated
             probe = ProbeRequest("perturbation-probe", "perturbation-labels", (("folds", 5),), spec.eval_examples)
             cells.append(_cell(spec, data, defense.name, model_key, None, 0.0, probe=probe, check=LABEL_LEAK,
                                request=probe.name))
         for check_id, check in checks:
+            named: dict[str, str] = {}  # this check's request names -> cell keys, for requests that come after others
             for request in check.requests(context):
                 common = dict(examples=request.examples, check=check_id, request=request.name)
                 if isinstance(request, ProbeRequest):
@@ -255,8 +274,12 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                 attack_spec = AttackSpec(f"{check_id}: {request.name}", request.attack_id, tuple(sorted(request.options)),
                                          ATTACKS.get(request.attack_id)(**dict(request.options)).norm, (request.eps,))
                 source = None if request.source is None else (request.source, keys[request.source])
-                cells.append(_cell(spec, data, defense.name, model_key, attack_spec, request.eps,
-                                   restart=request.restart, source=source, **common))
+                column = (None if request.restart or source is not None or request.after
+                          else columns.get(_same_draws(attack_spec, request.eps)))
+                cells.append(_cell(spec, data, defense.name, model_key, attack_spec, request.eps, restart=request.restart,
+                                   source=source, reuses=None if column is None else column.key,
+                                   after=tuple(named[name] for name in request.after), **common))
+                named[request.name] = cells[-1].key
     return cells
 
 
@@ -268,6 +291,10 @@ class CellOutcome:
     forward_evals: int
     gradient_evals: int
     measurements: dict = field(default_factory=dict)  # a probe's named arrays
+
+    @property
+    def robust_correct(self) -> np.ndarray:
+        return self.clean_correct & self.adv_correct
 
 
 def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
@@ -353,18 +380,32 @@ class CellRunner:
         """The examples a cascaded cell attacks: robust through every cell before it; None: every example."""
         if not cell.after:
             return None
-        records = self.finished(list(cell.after)) if self.finished is not None else {}
-        missing = [key for key in cell.after if key not in records]
-        if missing:
-            raise RuntimeError(f"cascade: {len(missing)} earlier cells of {cell.describe()} are not in the store "
-                               "(they failed or were not run)")
+        records = self._records(list(cell.after), cell)
         return np.logical_and.reduce([records[key].robust_correct[: cell.examples] for key in cell.after])
 
+    def _records(self, keys: list[str], cell: Cell) -> dict[str, CellRecord]:
+        records = self.finished(keys) if self.finished is not None else {}
+        missing = [key for key in keys if key not in records]
+        if missing:
+            raise RuntimeError(f"{len(missing)} earlier cells that {cell.describe()} builds on are not in the store "
+                               "(they failed or were not run)")
+        return records
+
     def __call__(self, cell: Cell) -> CellOutcome:
-        return evaluate_cell(cell, self.model(cell.defense), self.x[: cell.examples], self.y[: cell.examples],
-                             batch_size=self.batch_size, device=self.device,
-                             source_model=None if cell.source is None else self.model(cell.source),
-                             attacked=self.survivors(cell))
+        x, y = self.x[: cell.examples], self.y[: cell.examples]
+        model = self.model(cell.defense)
+        if cell.reuses is None:
+            return evaluate_cell(cell, model, x, y, batch_size=self.batch_size, device=self.device,
+                                 source_model=None if cell.source is None else self.model(cell.source),
+                                 attacked=self.survivors(cell))
+        column = self._records([cell.reuses], cell)[cell.reuses]
+        ran = column.measurements.get("attacked")
+        ran = np.ones(cell.examples, dtype=bool) if ran is None else np.asarray(ran[: cell.examples], dtype=bool)
+        outcome = evaluate_cell(cell, model, x, y, batch_size=self.batch_size, device=self.device,
+                                attacked=~ran & column.clean_correct[: cell.examples])
+        adv_correct = np.where(ran, column.adv_correct[: cell.examples], outcome.adv_correct)
+        return CellOutcome(outcome.clean_correct, adv_correct, outcome.seconds, outcome.forward_evals,
+                           outcome.gradient_evals, {**outcome.measurements, "reused": ran})
 
 
 class SequentialExecutor:
@@ -378,6 +419,29 @@ class SequentialExecutor:
             except Exception as error:  # a failing cell is reported; the others still run
                 error.traceback_text = traceback.format_exc()
                 yield cell, error
+
+
+def prepare_defenses(spec: BenchmarkSpec, names: Iterable[str], data: Dataset, *, cache_dir: Path, device: torch.device,
+                     progress: bool = True, on_prepared: Callable[[str, PreparedDefense], None] | None = None
+                     ) -> dict[str, PreparedDefense]:
+    """Train (or load from the cache) the named defenses and the ensemble sources they need."""
+    by_name = {d.name: d for d in spec.defenses}
+    prepared: dict[str, PreparedDefense] = {}
+
+    def prepare(name: str) -> None:
+        if name in prepared:
+            return
+        defense = by_name[name]
+        for source in defense.recipe.ensemble_sources if defense.recipe else ():
+            prepare(source)  # the spec loader has ruled out cycles
+        prepared[name] = prepare_defense(defense, data, seed=spec.seed, cache_dir=cache_dir, device=device,
+                                         progress=progress, sources=prepared)
+        if on_prepared is not None:
+            on_prepared(name, prepared[name])
+
+    for name in names:
+        prepare(name)
+    return prepared
 
 
 @dataclass
@@ -412,21 +476,10 @@ def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: tor
     summary = RunSummary(planned=len(cells), computed=0, skipped=len(cells) - len(todo), failed=[])
     if not todo:
         return summary
-    by_name = {d.name: d for d in spec.defenses}
-    prepared: dict[str, PreparedDefense] = {}
-
-    def prepare(name: str) -> PreparedDefense:
-        if name not in prepared:
-            defense = by_name[name]
-            for source in defense.recipe.ensemble_sources if defense.recipe else ():
-                prepare(source)  # the spec loader has ruled out cycles
-            prepared[name] = prepare_defense(defense, data, seed=spec.seed, cache_dir=cache_dir, device=device,
-                                             progress=progress, sources=prepared)
-            store.write_defense(prepared[name].key, name, defense.kind, describe_defense(defense), prepared[name].training)
-        return prepared[name]
-
-    for name in dict.fromkeys(name for cell in todo for name in (cell.defense, cell.source) if name is not None):
-        prepare(name)
+    names = dict.fromkeys(name for cell in todo for name in (cell.defense, cell.source) if name is not None)
+    prepared = prepare_defenses(spec, names, data, cache_dir=cache_dir, device=device, progress=progress,
+                                on_prepared=lambda name, p: store.write_defense(
+                                    p.key, name, p.spec.kind, describe_defense(p.spec), p.training))
     runner = CellRunner(spec, data, prepared, device, finished=store.cells)
     versions, commit = library_versions(), code_commit()
     executor = executor or SequentialExecutor()

@@ -11,6 +11,15 @@ from tests.conftest import accuracy
 
 EPS = {Norm.LINF: 0.2, Norm.L2: 1.5}
 FAST = {"steps": 5, "queries": 100}  # enough to exercise the loop; the defaults are for benchmarks
+# Minimal-perturbation attacks need more steps to reach the boundary (or a larger step); decision-based ones
+# are held to few queries so the registry-wide tests stay quick.
+FAST_FOR = {
+    "ta-cw-l2": {"steps": 20, "lr": 0.1},
+    "ta-deepfool": {"steps": 10},
+    "art-cw-l2": {"steps": 10, "binary_search_steps": 2, "learning_rate": 0.1, "initial_const": 1.0},
+    "art-hopskipjump": {"steps": 2, "queries": 50, "init_queries": 10},
+    "art-hopskipjump-linf": {"steps": 2, "queries": 50, "init_queries": 10},
+}
 
 
 def build(name: str) -> Attack:
@@ -18,7 +27,7 @@ def build(name: str) -> Attack:
     import inspect
 
     options = {k: v for k, v in FAST.items() if k in inspect.signature(factory).parameters}
-    return factory(**options)
+    return factory(**{**options, **FAST_FOR.get(name, {})})
 
 
 @pytest.fixture(params=list(ATTACKS), ids=list(ATTACKS))

@@ -1,5 +1,7 @@
 """What makes the evaluation waste nothing and stay exact: random draws per (seed, example index), per-example
 early stop, and the cascade over still-robust examples."""
+import dataclasses
+
 import numpy as np
 import pytest
 import torch
@@ -10,7 +12,7 @@ from attacks_ext.pgd import ProjectedGradientDescent, random_start
 from harness import report
 from harness import spec as spec_module
 from harness.counting import EvaluationCounter
-from harness.matrix import plan, run
+from harness.matrix import evaluate_cell, plan, prepare_defenses, run
 from harness.registry import ATTACKS
 from harness.store import ResultStore
 from harness.threat import Norm
@@ -121,6 +123,12 @@ pairs = [["fgsm", "fgsm-pred"]]
 
 [checks.iterative-beats-one-step]
 examples = 40
+
+[checks.restart-sweep]
+restarts = 3
+steps = 5
+eps = 0.15
+examples = 40
 """
 
 
@@ -174,6 +182,26 @@ def test_the_cascade_gives_the_worst_case_of_every_attack_on_every_example(tmp_p
     requested = [c for c in plan(spec, mnist) if c.check == "iterative-beats-one-step"]
     assert {c.request for c in requested} >= {"pgd @ 0.05", "fgsm @ 0.15", "so @ 0.15", "pgd-l2 @ 1"}
     assert all(not c.after and c.examples == 40 for c in requested)
+    # each of them repeats a matrix column, so it takes over that column's outcomes and attacks only the
+    # examples the column skipped; its vector is exactly the standalone one, for less
+    assert all(c.reuses is not None for c in requested)
+    model = prepare_defenses(spec, ["natural"], mnist, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"),
+                             progress=False)["natural"].load_model(mnist, torch.device("cpu"))
+    x, y = mnist.x_test[:40], mnist.y_test[:40]
+    for cell in requested:
+        standalone = evaluate_cell(cell, model, x, y, batch_size=spec.batch_size, device=torch.device("cpu"))
+        stored = records[cell.key]
+        assert np.array_equal(stored.robust_correct, standalone.robust_correct), cell.request
+        assert stored.forward_evals + stored.gradient_evals <= standalone.forward_evals + standalone.gradient_evals
+        if cell.request.startswith("pgd @"):
+            assert stored.gradient_evals < standalone.gradient_evals, cell.request
+    # each restart attacks only what the restarts before it left robust: the sweep's curve is unchanged
+    restarts = [c for c in plan(spec, mnist) if c.check == "restart-sweep"]
+    assert [bool(c.after) for c in restarts] == [False, True, True] and restarts[2].after == (restarts[1].key,)
+    alone = [evaluate_cell(dataclasses.replace(c, after=(), reuses=None), model, x, y, batch_size=spec.batch_size,
+                           device=torch.device("cpu")).robust_correct for c in restarts]
+    assert np.array_equal(np.logical_and.accumulate(alone), [records[c.key].robust_correct for c in restarts])
+    assert records[restarts[2].key].measurements["attacked"].sum() < 40
 
 
 def test_a_cascade_cell_depends_on_the_cells_before_it_and_shares_their_seed(tmp_path, mnist):

@@ -220,6 +220,7 @@ def test_overfit_guard_flags_and_stops(tiny_mnist, monkeypatch):
     ({"activation": "tanh"}, "allowed: relu, relu6, relu-decay"),
     ({"overfit_guard": "yes"}, "allowed: off, flag, stop"),
     ({"adversary": "ta-pgd-linf"}, "per-example eps"),
+    ({"mixed_adversary": "ta-pgd-l2", "mixed_eps": 1.0}, "mixed_adversary 'ta-pgd-l2' takes one eps per batch"),
     ({"epochs": 0}, "epochs must be a positive integer"),
     ({"colour": "red"}, "unknown option 'colour'"),
 ])

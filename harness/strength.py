@@ -1,0 +1,116 @@
+"""Strength per cost: a benchmark's own worst-case cascade against AutoAttack on one defense, in one run.
+
+On the benchmark's evaluation images and one (norm, eps), `compare` runs
+- **ours**: the benchmark's columns at that (norm, eps), exactly as the matrix runs them (same cells, seeds,
+  cascade and early stop), their worst case per example;
+- each **contender** (by default AutoAttack's standard set at its original budgets, torchattacks' shipped
+  `AutoAttack(version='standard')`, and APGD-CE alone) on the examples the model classifies correctly, which is
+  AutoAttack's own protocol;
+and records robust accuracy, model evaluations (the clean pass included for every row) and wall time.
+`python -m harness strength-per-cost` writes the JSON; `python -m harness attack-cost` renders it.
+"""
+from __future__ import annotations
+
+import datetime
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from harness.data import Dataset, load_dataset
+from harness.matrix import (CellOutcome, CellRunner, _cell, code_commit, evaluate_cell, library_versions, plan,
+                            prepare_defenses)
+from harness.spec import AttackSpec, BenchmarkSpec
+from harness.threat import Norm
+
+# (label, attack id, options) per norm: what the comparison runs against our cascade by default.
+CONTENDERS = {
+    Norm.LINF: (
+        ("AutoAttack standard, original budgets", "autoattack-standard", ()),
+        ("torchattacks AutoAttack(version='standard'), 10-step", "ta-autoattack", ()),
+        ("APGD-CE alone, 100 steps", "ta-apgd-ce", (("steps", 100),)),
+    ),
+    Norm.L2: (
+        ("AutoAttack standard, original budgets", "autoattack-standard-l2", ()),
+        ("torchattacks AutoAttack(version='standard'), 10-step", "ta-autoattack-l2", ()),
+        ("APGD-CE alone, 100 steps", "ta-apgd-ce-l2", (("steps", 100),)),
+    ),
+}
+OURS = "ours: the benchmark's worst-case cascade"
+
+
+def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_dir: Path, device: torch.device,
+            contenders: tuple | None = None, progress: bool = True, data: Dataset | None = None) -> dict:
+    """Run our cascade and every contender on `defense` at (norm, eps); the comparison as a JSON-ready dict."""
+    data = data if data is not None else load_dataset(spec.dataset, **dict(spec.dataset_options))
+    names = [d.name for d in spec.defenses]
+    if defense not in names:
+        raise ValueError(f"defense {defense!r} is not in {spec.path}; its defenses: {', '.join(names)}")
+    chain = [cell for cell in plan(spec, data) if cell.defense == defense and cell.check is None
+             and (cell.attack is None or (cell.attack.norm is norm and cell.eps == eps))]
+    clean, columns = chain[0], chain[1:]
+    if not columns:
+        grid = sorted({(a.norm.value, e) for a in spec.attacks for e in a.eps})
+        raise ValueError(f"{spec.path} has no column at {norm.value} eps {eps:g}; its grid: {grid}")
+    needed = dict.fromkeys(n for cell in chain for n in (cell.defense, cell.source) if n is not None)
+    prepared = prepare_defenses(spec, needed, data, cache_dir=cache_dir, device=device, progress=progress)
+    done: dict[str, CellOutcome] = {}
+    runner = CellRunner(spec, data, prepared, device, finished=lambda keys: {k: done[k] for k in keys if k in done})
+    for name in needed:
+        runner.model(name)  # loaded before the clock starts
+
+    started = time.perf_counter()
+    for cell in chain:
+        done[cell.key] = runner(cell)
+    ours_seconds = time.perf_counter() - started
+    clean_correct = done[clean.key].clean_correct
+    ours = np.logical_and.reduce([done[cell.key].robust_correct for cell in chain])
+    rows = [_row(OURS, "+".join(dict.fromkeys(c.attack.label for c in columns)), ours, ours_seconds,
+                 sum(done[c.key].forward_evals for c in chain), sum(done[c.key].gradient_evals for c in chain))]
+
+    model = runner.model(defense)
+    for label, attack_id, options in contenders if contenders is not None else CONTENDERS[norm]:
+        attack = AttackSpec(label, attack_id, tuple(sorted(options)), norm, (eps,))
+        if attack.build().norm is not norm:
+            raise ValueError(f"contender {attack_id!r} is not a {norm.value} attack")
+        cell = _cell(spec, data, defense, clean.defense_key, attack, eps)
+        started = time.perf_counter()
+        outcome = evaluate_cell(cell, model, runner.x, runner.y, batch_size=spec.batch_size, device=device,
+                                attacked=clean_correct)
+        seconds = time.perf_counter() - started
+        # The clean pass that chose the attacked examples is part of the contender's cost, as it is of ours.
+        rows.append(_row(label, attack_id, outcome.robust_correct, seconds + done[clean.key].seconds,
+                         outcome.forward_evals + done[clean.key].forward_evals, outcome.gradient_evals))
+    for row in rows:
+        vector = np.asarray(row["robust_vector"], dtype=bool)
+        row["broken_only_by_this"] = int((~vector & ours).sum()) if row["label"] != OURS else None
+        row["missed_by_this"] = int((vector & ~ours).sum()) if row["label"] != OURS else None
+    return {
+        "benchmark": spec.name, "spec": str(spec.path), "defense": defense, "defense_key": clean.defense_key,
+        "norm": norm.value, "eps": eps, "examples": int(len(ours)), "clean": 100 * float(clean_correct.mean()),
+        "ours_columns": [c.attack.label for c in columns], "device": str(device), "versions": library_versions(),
+        "commit": code_commit(), "seed": spec.seed,
+        "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows,
+    }
+
+
+def _row(label: str, attack: str, robust: np.ndarray, seconds: float, forward: int, gradient: int) -> dict:
+    return {"label": label, "attack": attack, "robust": 100 * float(robust.mean()), "seconds": seconds,
+            "forward_evals": int(forward), "gradient_evals": int(gradient),
+            "robust_vector": [bool(v) for v in robust]}
+
+
+def write(result: dict, path: Path) -> Path:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(result, indent=1))
+    return path
+
+
+def load(path: Path) -> dict:
+    result = json.loads(Path(path).read_text())
+    missing = {"defense", "norm", "eps", "examples", "rows"} - set(result)
+    if missing:
+        raise ValueError(f"{path}: not a strength-per-cost result (missing {', '.join(sorted(missing))})")
+    return result

@@ -1,0 +1,81 @@
+"""Strength per cost: our cascade and AutoAttack side by side on one defense (harness.strength)."""
+import numpy as np
+import pytest
+import torch
+
+from harness import spec as spec_module, strength
+from harness.attack_cost import strength_section
+from harness.matrix import evaluate_cell, plan, prepare_defenses
+from harness.threat import Norm
+
+SPEC = """
+[benchmark]
+name = "strength-test"
+dataset = "mnist5k"
+eval_examples = 60
+batch_size = 32
+cascade = true
+
+[eps]
+linf = [0.15]
+
+[defenses.natural]
+recipe = "natural"
+epochs = 1
+
+[attacks.fgsm]
+attack = "fgsm"
+
+[attacks.pgd]
+attack = "pgd-linf"
+steps = 5
+"""
+
+CONTENDERS = (
+    ("AutoAttack standard, small budget", "autoattack-standard", (("steps", 5), ("queries", 50))),
+    ("pgd alone", "pgd-linf", (("steps", 5),)),
+)
+
+
+@pytest.mark.slow
+def test_ours_is_the_per_example_worst_case_and_contenders_are_counted(tmp_path, mnist):
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC)
+    spec = spec_module.load(path)
+    result = strength.compare(spec, defense="natural", norm=Norm.LINF, eps=0.15, cache_dir=tmp_path / "ckpt",
+                              device=torch.device("cpu"), contenders=CONTENDERS, progress=False, data=mnist)
+    ours, autoattack, pgd_alone = result["rows"]
+    assert ours["label"] == strength.OURS and result["ours_columns"] == ["fgsm", "pgd"]
+    # ours equals every column run alone on every example, worst case per example
+    prepared = prepare_defenses(spec, ["natural"], mnist, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"))
+    model = prepared["natural"].load_model(mnist, torch.device("cpu"))
+    x, y = mnist.x_test[:60], mnist.y_test[:60]
+    alone = [evaluate_cell(cell, model, x, y, batch_size=32, device=torch.device("cpu")).robust_correct
+             for cell in plan(spec, mnist) if cell.attack is not None and cell.check is None]
+    assert np.array_equal(np.asarray(ours["robust_vector"]), np.logical_and.reduce(alone))
+    # the contender with our pgd's attack and options draws what our pgd column drew
+    assert np.array_equal(np.asarray(pgd_alone["robust_vector"]), alone[1])
+    assert pgd_alone["missed_by_this"] >= 0 and pgd_alone["broken_only_by_this"] == 0
+    for row in result["rows"]:
+        assert row["forward_evals"] >= 60 and row["seconds"] > 0  # the clean pass is in every row
+    assert autoattack["gradient_evals"] > 0 and 0 <= autoattack["robust"] <= result["clean"]
+    # JSON round trip and the attack-cost.md section
+    saved = strength.load(strength.write(result, tmp_path / "out" / "strength.json"))
+    text = "\n".join(strength_section(saved))
+    assert "Strength per cost against AutoAttack" in text and "of its model evaluations" in text
+    assert f"{ours['robust']:.1f}%" in text
+
+
+def test_bad_requests_name_what_is_allowed(tmp_path, mnist):
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC)
+    spec = spec_module.load(path)
+    with pytest.raises(ValueError, match="defense 'pgd-at' is not in .*its defenses: natural"):
+        strength.compare(spec, defense="pgd-at", norm=Norm.LINF, eps=0.15, cache_dir=tmp_path, device=torch.device("cpu"),
+                         data=mnist)
+    with pytest.raises(ValueError, match=r"no column at linf eps 0.3; its grid: \[\('linf', 0.15\)\]"):
+        strength.compare(spec, defense="natural", norm=Norm.LINF, eps=0.3, cache_dir=tmp_path, device=torch.device("cpu"),
+                         data=mnist)
+    with pytest.raises(ValueError, match="not a strength-per-cost result"):
+        (tmp_path / "x.json").write_text("{}")
+        strength.load(tmp_path / "x.json")
