@@ -31,6 +31,8 @@ class TorchattacksAttack(Attack):
     """A torchattacks attack; `build(model, eps, seed)` (with `classes=` where `needs_classes`) returns a fresh
     torchattacks object per call. `minimal`: the attack has no budget; its point is projected onto the ball."""
 
+    library = "torchattacks"
+
     def __init__(self, name: str, norm: Norm, build: Callable[..., object], *, family: str = "iterative",
                  needs_classes: bool = False, minimal: bool = False):
         super().__init__(name, norm, uses_true_label=True, family=family)
@@ -63,6 +65,8 @@ class _Float32Inputs(nn.Module):
 
 class ArtAttack(Attack):
     """An ART evasion attack on a PyTorchClassifier built around the model for this call."""
+
+    library = "ART"
 
     def __init__(self, name: str, norm: Norm, build: Callable[[object, float, int], object], *,
                  family: str = "iterative", minimal: bool = False):

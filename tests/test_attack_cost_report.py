@@ -35,3 +35,19 @@ def test_empty_json_is_a_clear_error(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"benchmarks": []}))
     with pytest.raises(ValueError, match="run `tox -e bench` first"):
         load_benchmarks(tmp_path / "b.json")
+
+
+def test_library_comes_from_the_adapter_and_budgets_are_named(tmp_path):
+    """An attack registered through an adapter is credited to its library whatever the JSON says; a benchmarked
+    budget other than the default is shown with the attack; the header names no machine folder."""
+    entry = bench("autoattack-standard", 256, 1.0, forward=256, gradient=256)
+    entry["extra_info"]["options"] = {"steps": 10, "queries": 500}
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"benchmarks": [bench("floor", 256, 0.1), entry,
+                                               bench("unregistered-x", 256, 1.0, forward=256, gradient=256)]}))
+    frame, _ = load_benchmarks(path)
+    by_attack = dict(zip(frame.attack, frame.library))
+    assert by_attack["autoattack-standard (queries=500, steps=10)"] == "torchattacks"
+    assert by_attack["unregistered-x"] == "ours"  # not registered: as recorded
+    markdown = render(path, tmp_path / "out", command="test").read_text()
+    assert "from `b.json`" in markdown and str(tmp_path) not in markdown

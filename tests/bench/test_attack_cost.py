@@ -33,7 +33,8 @@ OPTIONS = {
 
 
 def library(name: str) -> str:
-    return "torchattacks" if name.startswith("ta-") else "ART" if name.startswith("art-") else "ours"
+    """Which library computes the attack: adapters say so; our own attacks do not."""
+    return getattr(ATTACKS.get(name)(), "library", "ours")
 
 
 def family(name: str) -> str:
