@@ -59,12 +59,17 @@ def score_label_leak(clean_correct, true_label_correct, label_free_correct) -> L
     )
 
 
+def _with_bias(features: torch.Tensor) -> torch.Tensor:
+    """The float64 design matrix: the features and a constant column for the bias."""
+    return torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], 1)
+
+
 def fit_linear_probe(features: torch.Tensor, labels: torch.Tensor, classes: int, *, ridge: float = 100.0) -> torch.Tensor:
     """A ridge-regression classifier on one-hot labels (L2 penalty on the weights, not the bias), solved in
     closed form in float64: a fixed amount of work and the same answer on every run, where an iterative
     logistic fit's time and result depend on its convergence. Returns the (features + 1, classes) weights.
     (ridge 100 is where held-out accuracy plateaus on 400 MNIST examples, for pixels and perturbations alike.)"""
-    design = torch.cat([features.double(), torch.ones(len(features), 1, dtype=torch.float64)], 1)
+    design = _with_bias(features)
     penalty = torch.eye(design.shape[1], dtype=torch.float64) * ridge
     penalty[-1, -1] = 0.0
     return torch.linalg.solve(design.T @ design + penalty, design.T @ F.one_hot(labels, classes).double())
@@ -76,8 +81,7 @@ def held_out_predictions(features: torch.Tensor, labels: torch.Tensor, folds: to
     for fold in folds.unique():
         test = folds == fold
         weights = fit_linear_probe(features[~test], labels[~test], classes)
-        design = torch.cat([features[test].double(), torch.ones(int(test.sum()), 1, dtype=torch.float64)], 1)
-        predictions[test] = (design @ weights).argmax(1)
+        predictions[test] = (_with_bias(features[test]) @ weights).argmax(1)
     return predictions.numpy()
 
 

@@ -12,16 +12,21 @@ from harness.report import _markdown
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
-def _library(info: dict) -> str | None:
-    """The library behind a benchmarked attack, from the registry where it is registered (adapters say which
-    library they call), else as the benchmark recorded it."""
+def library_of(name: str) -> str:
+    """The library that computes a registered attack: adapters name theirs; our own attacks name none."""
     import harness.plugins  # noqa: F401  (registers every built-in attack)
     from harness.registry import ATTACKS
 
-    name = info.get("attack")
-    if name is None or name == "floor" or name not in ATTACKS:
-        return info.get("library")
     return getattr(ATTACKS.get(name)(), "library", "ours")
+
+
+def _library(info: dict) -> str | None:
+    """The library behind a benchmarked attack: the registry's answer where the attack is registered, else
+    what the benchmark recorded."""
+    from harness.registry import ATTACKS
+
+    name = info.get("attack")
+    return library_of(name) if name not in (None, "floor") and name in ATTACKS else info.get("library")
 
 
 def _shown(path: Path) -> str:

@@ -12,6 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from defenses.recipes import build_recipe
+from harness.attack_cost import library_of
 from defenses.train import train
 from harness.counting import EvaluationCounter
 from harness.registry import ATTACKS
@@ -30,11 +31,6 @@ OPTIONS = {
     "art-hopskipjump": {"steps": 5, "queries": 100, "init_queries": 10},
     "art-hopskipjump-linf": {"steps": 5, "queries": 100, "init_queries": 10},
 }
-
-
-def library(name: str) -> str:
-    """Which library computes the attack: adapters say so; our own attacks do not."""
-    return getattr(ATTACKS.get(name)(), "library", "ours")
 
 
 def family(name: str) -> str:
@@ -89,7 +85,7 @@ def test_attack_cost(benchmark, cost_model, mnist, name, batch):
     attack(counter, x, y, eps=eps, generator=torch.Generator().manual_seed(0))  # one counted call
     benchmark.group = f"{family(name)} batch={batch}"
     benchmark.extra_info.update({
-        "attack": name, "batch": batch, "library": library(name), "family": family(name), "eps": eps,
+        "attack": name, "batch": batch, "library": library_of(name), "family": family(name), "eps": eps,
         "options": options, "forward_evals": counter.forward_evals, "gradient_evals": counter.gradient_evals,
     })
     benchmark.pedantic(lambda: attack(cost_model, x, y, eps=eps, generator=torch.Generator().manual_seed(0)),
