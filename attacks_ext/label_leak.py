@@ -11,16 +11,24 @@ label: a linear classifier (ridge regression on one-hot labels, 5-fold cross-val
 scored on held-out examples, next to the same classifier on the raw pixels and to chance. The gradient is
 built from the true, predicted, least-likely and a random wrong label, and each probe is trained and scored
 against the true label and against the label that built the gradient.
+
+*Robust-feature leakage* (Ilyas et al.'s D_rand and D_det, Goh's lower bound): training images attacked
+towards a new label and relabelled with it; a network trained on them is tested on clean data, and so is a
+linear classifier that sees only the features of a robust linear model, whose clean accuracy lower-bounds
+how much of the transfer robust features leaking into the attacks explain.
 """
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attacks_ext.pgd import cross_entropy_gradient
+from attacks_ext.base import ExampleRandomness
+from attacks_ext.pgd import ascend, cross_entropy_gradient
+from harness.threat import Norm
 
 GRADIENT_LABELS = ("true", "predicted", "least-likely", "random")
 
@@ -120,3 +128,118 @@ def perturbation_probe_rows(measurements: dict) -> list[dict]:
              "Probe → its own label": 100 * float((measurements[f"{name}_to_own"] == measurements[f"{name}_label"]).mean()),
              "Raw pixels → true label": pixels, "Chance": chance}
             for name in GRADIENT_LABELS]
+
+
+# --- robust-feature leakage (Ilyas et al.'s D_rand / D_det, Goh's lower bound) -------------------------------
+
+def relabelled_targets(y: torch.Tensor, classes: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
+    """Ilyas et al.'s new labels: D_rand a uniformly random other class, D_det the next class, (y + 1) mod C."""
+    offset = torch.randint(1, classes, (len(y),), generator=generator).to(y.device)
+    return {"rand": (y + offset) % classes, "det": (y + 1) % classes}
+
+
+def targeted_pgd(model, x: torch.Tensor, target: torch.Tensor, *, eps: float, steps: int, norm: Norm = Norm.L2,
+                 batch_size: int = 250) -> torch.Tensor:
+    """PGD from x that descends the cross-entropy of `target` for all `steps` (no random start, no early stop),
+    step 2.5 eps / steps, in batches."""
+    def towards_target(model, x_at, labels, rng):
+        grad, logits = cross_entropy_gradient(model, x_at, labels)
+        return -grad, logits
+
+    parts = []
+    for begin in range(0, len(x), batch_size):
+        xb, tb = x[begin : begin + batch_size], target[begin : begin + batch_size]
+        parts.append(ascend(model, xb, tb, xb, steps=steps, step=2.5 * eps / steps, eps=eps, norm=norm,
+                            gradient=towards_target, rng=ExampleRandomness(0, range(len(xb)))))
+    return torch.cat(parts) if parts else x.clone()
+
+
+def fit_robust_linear(x: torch.Tensor, y: torch.Tensor, classes: int, *, radius: float, steps: int = 300,
+                      lr: float = 0.05) -> torch.Tensor:
+    """A linear classifier z = W x (features f_i(x) = w_i^T x, as Goh's) trained on its exact worst-case L2 loss
+    at `radius`: logit j of a wrong class rises by radius * ||w_j - w_y||. Full-batch Adam from zero weights, a
+    fixed number of steps: the same answer on every run. Returns W, (classes, d)."""
+    flat = x.flatten(1).double()
+    weights = torch.zeros(classes, flat.shape[1], dtype=torch.float64, requires_grad=True)
+    optimizer = torch.optim.Adam([weights], lr=lr)
+    for _ in range(steps):
+        optimizer.zero_grad()
+        loss = F.cross_entropy(flat @ weights.T + radius * linear_gaps(weights, y), y)
+        loss.backward()
+        optimizer.step()
+    return weights.detach()
+
+
+def linear_gaps(weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """(N, C): ||w_j - w_{y_i}||_2, the most an L2 perturbation of norm 1 can raise logit j over logit y_i."""
+    gram = weights @ weights.T  # ||w_j - w_k||^2 = G_jj + G_kk - 2 G_jk, without an (N, C, d) tensor
+    squared = gram.diagonal()[:, None] + gram.diagonal()[None, :] - 2 * gram
+    return squared.clamp_min(1e-24).sqrt()[y] * (1 - F.one_hot(y, weights.shape[0]).to(weights.dtype))
+
+
+def certified_static(weights: torch.Tensor, x: torch.Tensor, radius: float) -> np.ndarray:
+    """Per example: the linear classifier's prediction cannot change anywhere in the L2 ball of `radius`
+    (Goh's specification 2), certified analytically: every margin exceeds radius * ||w_pred - w_j||."""
+    logits = x.flatten(1).double() @ weights.T
+    predicted = logits.argmax(1)
+    margins = logits.gather(1, predicted[:, None]) - logits
+    gaps = linear_gaps(weights, predicted)
+    others = ~F.one_hot(predicted, weights.shape[0]).bool()
+    return ((margins > radius * gaps) | ~others).all(1).numpy()
+
+
+def probe_robust_features(model, x, y, *, generator, training, train_examples: int = 2000, eps: float = 2.0,
+                          steps: int = 20, epochs: int = 5, network: str = "small-cnn", radius: float = 0.25
+                          ) -> dict[str, np.ndarray]:
+    """Ilyas et al.'s D_rand and D_det built on `model` from the first `train_examples` training images
+    (targeted L2 PGD at `eps`, relabelled with the target), a fresh `network` trained on each (the natural
+    recipe, `epochs`) and a linear classifier on the 10 features of a robust linear model (Goh, radius
+    `radius`) fitted on each; every one predicts the clean test examples (x, y)."""
+    from defenses.recipes import build_recipe
+    from defenses.train import train
+    from harness.data import Dataset
+
+    if train_examples > len(training[0]):
+        raise ValueError(f"robust features: train_examples {train_examples} exceeds the {len(training[0])} training images")
+    x_train, y_train = (t[:train_examples].to(x.device) for t in training)
+    with torch.no_grad():
+        classes = model(x[:1]).shape[1]
+    targets = relabelled_targets(y_train, classes, generator)
+    seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
+    weights = fit_robust_linear(x_train.cpu(), y_train.cpu(), classes, radius=radius)
+    test_features = x.flatten(1).double().cpu() @ weights.T
+    out = {"true_label": y.cpu().numpy(), "linear_predictions": test_features.argmax(1).numpy(),
+           "linear_certified": certified_static(weights, x.cpu(), radius)}
+    for name, target in targets.items():
+        x_adv = targeted_pgd(model, x_train, target, eps=eps, steps=steps)
+        with torch.no_grad():
+            out[f"{name}_reached"] = np.asarray([float((model(x_adv).argmax(1) == target).float().mean())])
+        relabelled = Dataset(f"d-{name}", x_adv.cpu(), target.cpu(), x.cpu(), y.cpu(), classes)
+        network_model, _ = train(build_recipe("natural", epochs=epochs, model=network), relabelled, seed=seed,
+                                 device=x.device, progress=False)
+        with torch.no_grad():
+            out[f"{name}_network_predictions"] = network_model(x).argmax(1).cpu().numpy()
+        probe = fit_linear_probe(x_adv.flatten(1).double().cpu() @ weights.T, target.cpu(), classes)
+        out[f"{name}_robust_linear_predictions"] = (_with_bias(test_features) @ probe).argmax(1).numpy()
+    return out
+
+
+def robust_feature_settings(options: dict) -> dict:
+    """The robust-features probe's options with its defaults filled in (the TOML may give any of them)."""
+    parameters = inspect.signature(probe_robust_features).parameters
+    defaults = {name: p.default for name, p in parameters.items() if p.kind is p.KEYWORD_ONLY and p.default is not p.empty}
+    return {**defaults, **options}
+
+
+def robust_feature_rows(measurements: dict) -> list[dict]:
+    """Per data set: how often the attack reached its target, and the clean test accuracy (%) of the network
+    trained on it and of the linear classifier on robust features (Goh's lower bound on leakage)."""
+    true = np.asarray(measurements["true_label"])
+    chance = 100 * float(np.bincount(true).max() / len(true))
+    labels = {"rand": "D_rand (random other class)", "det": "D_det (y + 1 mod C)"}
+    return [{"Data set": labels[name], "Target reached (%)": 100 * float(measurements[f"{name}_reached"][0]),
+             "Network → clean test (%)": 100 * float((measurements[f"{name}_network_predictions"] == true).mean()),
+             "Robust linear features → clean test (%)":
+                 100 * float((measurements[f"{name}_robust_linear_predictions"] == true).mean()),
+             "Chance": chance}
+            for name in ("rand", "det")]

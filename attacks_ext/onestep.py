@@ -133,7 +133,8 @@ class BasicIterativeAttack(Attack):
             with torch.no_grad():
                 target, gradient = model(x).argmin(1), _descending_cross_entropy
         return ascend(model, x, y, x, steps=kurakin_iterations(eps), step=self.step_size, eps=eps, norm=Norm.LINF,
-                      gradient=gradient, rng=rng, stop_when_fooled=stop_when_fooled, target=target)
+                      gradient=gradient, rng=rng, stop_when_fooled=stop_when_fooled, target=target,
+                      deterministic=True)
 
     def evaluations_to_end(self, examples: int, eps: float) -> tuple[int, int]:
         count = examples * kurakin_iterations(eps)

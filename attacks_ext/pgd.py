@@ -74,12 +74,15 @@ Gradient = Callable[[nn.Module, torch.Tensor, torch.Tensor, ExampleRandomness], 
 
 def ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tensor, *, steps: int, step, eps,
            norm: Norm, gradient: Gradient, rng: ExampleRandomness, stop_when_fooled: bool = False,
-           target: torch.Tensor | None = None) -> torch.Tensor:
+           target: torch.Tensor | None = None, deterministic: bool = False) -> torch.Tensor:
     """The one iterative loop: `steps` times x_adv <- Proj(x_adv + step * direction(gradient)).
 
     `gradient` sees the rows still in play with their `target` labels (default: the true labels `y`). With
     `stop_when_fooled`, an example whose iterate the model misclassifies (against `y`) leaves the loop at once and
     keeps that iterate; the check reads the logits the gradient already computed where it can (no extra forward).
+    With `deterministic` too (the gradient is a function of the point alone: no fresh draws per step), an example
+    whose step left its iterate exactly where it was is at a fixed point, where every later step would repeat it,
+    so it leaves the loop as well: a zero gradient (masking) costs one step, not all of them.
     Every example's trajectory depends only on its own data and random stream, so its outcome equals that of
     the same attack run to the end that keeps any misclassified iterate."""
     target = y if target is None else target
@@ -88,41 +91,57 @@ def ascend(model: nn.Module, x: torch.Tensor, y: torch.Tensor, x_adv: torch.Tens
     streams = rng
     for _ in range(steps):
         grad, logits = gradient(model, x_adv[active], target[active], streams)
+        before = len(active)
         if stop_when_fooled:
             if logits is None:
                 with torch.no_grad():
                     logits = model(x_adv[active])
             still = logits.argmax(1) == y[active]
-            if not bool(still.all()):  # the active set changed: keep the remaining examples' streams
-                active, grad = active[still], grad[still]
-                if len(active) == 0:
-                    break
-                streams = rng.subset(active.cpu())
-        moved = x_adv[active].detach() + _rows(step, active) * ascent_direction(grad, norm)
-        x_adv[active] = project(moved, x[active], _rows(eps, active), norm)
+            active, grad = active[still], grad[still]
+        current = x_adv[active].detach()
+        moved = project(current + _rows(step, active) * ascent_direction(grad, norm), x[active], _rows(eps, active), norm)
+        x_adv[active] = moved
+        if stop_when_fooled and deterministic:  # at a fixed point every later step would repeat this one
+            active = active[(moved != current).flatten(1).any(1)]
+        if len(active) < before:  # the active set changed: keep the remaining examples' streams
+            if len(active) == 0:
+                break
+            streams = rng.subset(active.cpu())
     return x_adv
+
+
+def cross_entropy(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sum_i CE(logits_i, labels_i)."""
+    return F.cross_entropy(logits, labels, reduction="sum")
+
+
+def margin(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """sum_i [max_{j != y_i} z_j - z_{y_i}]: the Carlini-Wagner margin loss (their f_6 without the confidence
+    clamp), which does not saturate where the softmax does."""
+    true = logits.gather(1, labels[:, None]).squeeze(1)
+    others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
+    return (others - true).sum()
+
+
+LOSSES = {"ce": cross_entropy, "cw": margin}
+
+
+def loss_gradient(loss, model: nn.Module, x_at: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(grad_x loss(model(x_at), labels), the logits at x_at) for a loss of (logits, labels)."""
+    x_at = x_at.detach().requires_grad_(True)
+    logits = model(x_at)
+    (grad,) = torch.autograd.grad(loss(logits, labels), x_at)
+    return grad, logits.detach()
 
 
 def cross_entropy_gradient(model: nn.Module, x_at: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """(grad_x sum CE(model(x_at), labels), the logits at x_at)."""
-    x_at = x_at.detach().requires_grad_(True)
-    logits = model(x_at)
-    (grad,) = torch.autograd.grad(F.cross_entropy(logits, labels, reduction="sum"), x_at)
-    return grad, logits.detach()
+    return loss_gradient(cross_entropy, model, x_at, labels)
 
 
 def margin_gradient(model: nn.Module, x_at: torch.Tensor, labels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(grad_x sum_i [max_{j != y_i} z_j - z_{y_i}], the logits at x_at): the Carlini-Wagner margin loss
-    (their f_6 without the confidence clamp), which does not saturate where the softmax does."""
-    x_at = x_at.detach().requires_grad_(True)
-    logits = model(x_at)
-    true = logits.gather(1, labels[:, None]).squeeze(1)
-    others = logits.scatter(1, labels[:, None], float("-inf")).amax(1)
-    (grad,) = torch.autograd.grad((others - true).sum(), x_at)
-    return grad, logits.detach()
-
-
-LOSSES = {"ce": cross_entropy_gradient, "cw": margin_gradient}
+    """(grad_x of the summed Carlini-Wagner margin, the logits at x_at)."""
+    return loss_gradient(margin, model, x_at, labels)
 
 
 class ProjectedGradientDescent(Attack):
@@ -137,6 +156,7 @@ class ProjectedGradientDescent(Attack):
     per_example_eps = True
     stops_early = True
     draws = 1  # model evaluations per example and step
+    deterministic_gradient = True  # the gradient depends on the point alone (S-O draws fresh noise every step)
 
     def __init__(self, name: str, norm: Norm, *, steps: int = 40, step_fraction: float | None = None,
                  random_start: bool = True, loss: str = "ce"):
@@ -150,13 +170,14 @@ class ProjectedGradientDescent(Attack):
 
     def gradient(self, model: nn.Module, x_adv: torch.Tensor, y: torch.Tensor, rng: ExampleRandomness):
         """The ascent direction's source: the loss gradient at x_adv (subclasses estimate it otherwise)."""
-        return LOSSES[self.loss](model, x_adv, y)
+        return loss_gradient(LOSSES[self.loss], model, x_adv, y)
 
     def run(self, model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, eps, rng: ExampleRandomness,
             stop_when_fooled: bool = False) -> torch.Tensor:
         start = random_start(x, eps, self.norm, rng) if self.random_start else x
         return ascend(model, x, y, start, steps=self.steps, step=self.step_fraction * eps, eps=eps, norm=self.norm,
-                      gradient=self.gradient, rng=rng, stop_when_fooled=stop_when_fooled)
+                      gradient=self.gradient, rng=rng, stop_when_fooled=stop_when_fooled,
+                      deterministic=self.deterministic_gradient)
 
     def evaluations_to_end(self, examples: int, eps: float) -> tuple[int, int]:
         count = examples * self.steps * self.draws

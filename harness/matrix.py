@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import datetime
 import hashlib
+import inspect
 import json
 import platform
 import subprocess
@@ -42,7 +43,8 @@ from harness.threat import verify
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 CLEAN = "clean"
-LABEL_LEAK = "label-leak"  # the `check` of the perturbation-probe cells: the label-leak board's, not a sanity check's
+LABEL_LEAK = "label-leak"  # the `check` of the label-leak board's probe cells (not a sanity check's)
+PERTURBATION_PROBE, ROBUST_FEATURES = "perturbation-probe", "robust-features"  # their request names
 
 
 # --- provenance -------------------------------------------------------------------------------------
@@ -261,7 +263,12 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                 if source is None:
                     columns.setdefault(_same_draws(attack, eps), cell)
         if spec.perturbation_probe:  # on every evaluation example, 5-fold cross-validated
-            probe = ProbeRequest("perturbation-probe", "perturbation-labels", (("folds", 5),), spec.eval_examples)
+            probe = ProbeRequest(PERTURBATION_PROBE, "perturbation-labels", (("folds", 5),), spec.eval_examples)
+            cells.append(_cell(spec, data, defense.name, model_key, None, 0.0, probe=probe, check=LABEL_LEAK,
+                               request=probe.name))
+        options = dict(spec.robust_features)
+        if options.pop("source", None) == defense.name:  # D_rand / D_det crafted on this model, tested on every example
+            probe = ProbeRequest(ROBUST_FEATURES, "robust-features", tuple(sorted(options.items())), spec.eval_examples)
             cells.append(_cell(spec, data, defense.name, model_key, None, 0.0, probe=probe, check=LABEL_LEAK,
                                request=probe.name))
         for check_id, check in checks:
@@ -298,15 +305,20 @@ class CellOutcome:
 
 
 def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
-                   device: torch.device) -> CellOutcome:
-    """Measure `model` on (x, y) in one batch with the probe the cell names (a sanity check's evidence)."""
+                   device: torch.device, training: tuple[torch.Tensor, torch.Tensor] | None = None) -> CellOutcome:
+    """Measure `model` on (x, y) in one batch with the probe the cell names (a sanity check's or the label-leak
+    board's evidence); a probe that takes `training` also gets the training split."""
     counter = EvaluationCounter(model)
     generator = torch.Generator().manual_seed(cell.seed)
     x, y = x.to(device), y.to(device)
     with torch.no_grad():
         correct = (model(x).argmax(1) == y).cpu().numpy()
+    probe = PROBES[cell.probe.probe_id]
+    extra = {"training": training} if "training" in inspect.signature(probe).parameters else {}
+    if extra and training is None:
+        raise ValueError(f"probe {cell.probe.probe_id!r} needs the training split")
     start = time.perf_counter()
-    arrays = PROBES[cell.probe.probe_id](counter, x, y, generator=generator, **dict(cell.probe.options))
+    arrays = probe(counter, x, y, generator=generator, **dict(cell.probe.options), **extra)
     seconds = time.perf_counter() - start
     return CellOutcome(correct, correct, seconds, counter.forward_evals, counter.gradient_evals,
                        {name: np.asarray(value) for name, value in arrays.items()})
@@ -314,23 +326,26 @@ def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch
 
 def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
                   device: torch.device, source_model: torch.nn.Module | None = None,
-                  attacked: np.ndarray | None = None) -> CellOutcome:
+                  attacked: np.ndarray | None = None, clean_correct: np.ndarray | None = None,
+                  training: tuple[torch.Tensor, torch.Tensor] | None = None) -> CellOutcome:
     """Attack `model` on (x, y) batch by batch; every adversarial batch must pass the threat model.
 
     `attacked` (a cascade): attack only those examples; the others count as not robust. Example i's random
     draws come from its own stream (cell seed, i), and our iterative attacks stop per example at the first
     misclassified iterate. With `source_model` the examples are crafted on it and transferred to `model` (a
     black-box attack; no early stop, since the source being fooled says nothing about the target); the cost
-    counted is then the source's."""
+    counted is then the source's. `clean_correct`: the model's clean outcome on (x, y) where the caller has it;
+    `training`: the training split, for the probes that need it."""
     if cell.probe is not None:
-        return evaluate_probe(cell, model, x, y, device=device)
+        return evaluate_probe(cell, model, x, y, device=device, training=training)
     counter = EvaluationCounter(model if source_model is None else source_model)
     if cell.attack is None:  # the clean evaluation's cost is its one forward pass
         start = time.perf_counter()
         correct = _correct(counter, x, y, batch_size=batch_size, device=device)
         return CellOutcome(correct, correct, time.perf_counter() - start, counter.forward_evals, counter.gradient_evals)
     attack = cell.attack.build()
-    clean_correct = _correct(model, x, y, batch_size=batch_size, device=device)  # the harness's own, not counted
+    if clean_correct is None:  # the harness's own pass, not counted
+        clean_correct = _correct(model, x, y, batch_size=batch_size, device=device)
     todo = np.arange(len(x)) if attacked is None else np.flatnonzero(attacked)
     adv_correct, seconds = np.zeros(len(x), dtype=bool), 0.0
     for begin in range(0, len(todo), batch_size):
@@ -369,12 +384,21 @@ class CellRunner:
         self.y = data.y_test[: spec.eval_examples]
         self.finished = finished
         self._models: dict[str, torch.nn.Module] = {}
+        self._clean: dict[tuple[str, int], np.ndarray] = {}
 
     def model(self, defense: str) -> torch.nn.Module:
         prepared = self.defenses[defense]
         if prepared.key not in self._models:
             self._models[prepared.key] = prepared.load_model(self.data, self.device)
         return self._models[prepared.key]
+
+    def clean_correct(self, cell: Cell) -> np.ndarray:
+        """The cell's model's clean outcome on its examples, computed once per model and example count."""
+        key = (self.defenses[cell.defense].key, cell.examples)
+        if key not in self._clean:
+            self._clean[key] = _correct(self.model(cell.defense), self.x[: cell.examples], self.y[: cell.examples],
+                                        batch_size=self.batch_size, device=self.device)
+        return self._clean[key]
 
     def survivors(self, cell: Cell) -> np.ndarray | None:
         """The examples a cascaded cell attacks: robust through every cell before it; None: every example."""
@@ -397,12 +421,13 @@ class CellRunner:
         if cell.reuses is None:
             return evaluate_cell(cell, model, x, y, batch_size=self.batch_size, device=self.device,
                                  source_model=None if cell.source is None else self.model(cell.source),
-                                 attacked=self.survivors(cell))
+                                 attacked=self.survivors(cell), training=(self.data.x_train, self.data.y_train),
+                                 clean_correct=None if cell.attack is None else self.clean_correct(cell))
         column = self._records([cell.reuses], cell)[cell.reuses]
         ran = column.measurements.get("attacked")
         ran = np.ones(cell.examples, dtype=bool) if ran is None else np.asarray(ran[: cell.examples], dtype=bool)
         outcome = evaluate_cell(cell, model, x, y, batch_size=self.batch_size, device=self.device,
-                                attacked=~ran & column.clean_correct[: cell.examples])
+                                attacked=~ran & column.clean_correct[: cell.examples], clean_correct=self.clean_correct(cell))
         adv_correct = np.where(ran, column.adv_correct[: cell.examples], outcome.adv_correct)
         return CellOutcome(outcome.clean_correct, adv_correct, outcome.seconds, outcome.forward_evals,
                            outcome.gradient_evals, {**outcome.measurements, "reused": ran})

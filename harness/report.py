@@ -17,10 +17,10 @@ import pandas as pd
 
 from harness.data import Dataset
 from harness.figures import pyplot, save_figure
-from harness.matrix import CLEAN, LABEL_LEAK, Cell, cascade_order, code_commit, library_versions, plan, runs_on_every_example
+from harness.matrix import CLEAN, LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell, cascade_order, code_commit, library_versions, plan, runs_on_every_example
 from harness.spec import BenchmarkSpec
 from attacks_ext.checks import Check, Evidence, Status, Verdict
-from attacks_ext.label_leak import perturbation_probe_rows, score_label_leak
+from attacks_ext.label_leak import perturbation_probe_rows, robust_feature_rows, robust_feature_settings, score_label_leak
 from harness.store import CellRecord, ResultStore
 from harness.threat import Norm
 
@@ -50,6 +50,7 @@ class Leaderboard:
     evidence: dict[str, dict[str, Evidence]]  # check id -> defense -> what that check reads
     verdicts: dict[str, dict[str, Verdict]]  # defense -> check id -> verdict
     perturbation: dict[str, CellRecord | None]  # defense -> its perturbation-probe cell (label-leak board)
+    robust_features: CellRecord | None = None  # the D_rand / D_det cell (label-leak board), when the spec asks
 
 
 def sanity_file(spec: BenchmarkSpec) -> str:
@@ -141,7 +142,12 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     for cell in all_cells:
         if cell.check in checks and cell.key in records:
             sanity_cells.setdefault(cell.defense, {})[cell.key] = records[cell.key]
-    probes = {cell.defense: cell for cell in all_cells if cell.check == LABEL_LEAK}
+    leak_cells: dict[str, list[Cell]] = {}  # defense -> its label-leak board cells (probes, D_rand / D_det)
+    for cell in all_cells:
+        if cell.check == LABEL_LEAK:
+            leak_cells.setdefault(cell.defense, []).append(cell)
+    probes = {cell.defense: cell for cells in leak_cells.values() for cell in cells if cell.request == PERTURBATION_PROBE}
+    robust_cell = next((cell for cells in leak_cells.values() for cell in cells if cell.request == ROBUST_FEATURES), None)
 
     summary_rows, detail_rows, costs_rows, curves = [], {norm: [] for norm, _ in spec.eps}, [], {}
     trainings: dict[str, dict] = {}
@@ -175,8 +181,8 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
         summary_rows.append(summary)
         for norm in detail_rows:
             detail_rows[norm].append(details[norm])
-        own = pairs + ([(probes[defense.name], records.get(probes[defense.name].key))] if defense.name in probes else [])
-        present = [r for _, r in own if r is not None]  # the matrix and the label-leak probe
+        own = pairs + [(cell, records.get(cell.key)) for cell in leak_cells.get(defense.name, [])]
+        present = [r for _, r in own if r is not None]  # the matrix and the label-leak board's cells
         checked = sanity_cells.get(defense.name, {}).values()
         matrix_naive = [naive.get(c.key) for c, r in own if r is not None]
         checks_naive = [naive.get(key) for key in sanity_cells.get(defense.name, {})]
@@ -210,7 +216,8 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     outcomes = {(c.defense, c.label, c.eps): records.get(c.key) for c in cells}
     perturbation = {name: records.get(cell.key) for name, cell in probes.items()}
     return Leaderboard(spec, summary, details, curves, costs, trainings, outcomes, missing, commits, versions,
-                       checks, evidence, verdicts, perturbation)
+                       checks, evidence, verdicts, perturbation,
+                       None if robust_cell is None else records.get(robust_cell.key))
 
 
 def _total(costs: list[tuple[float, float] | None]) -> float | None:
@@ -274,7 +281,7 @@ def render_training_figure(board: Leaderboard, path: Path) -> None:
         axis.axis("off")
     for axis, (name, log) in zip(axes.flat, logs.items()):
         epochs = [e["epoch"] for e in log["epochs"]]
-        axis.plot(epochs, [e["clean_accuracy"] for e in log["epochs"]], label="clean acc.")
+        axis.plot(epochs, [e["clean_accuracy"] for e in log["epochs"]], label="clean acc. (1,000 training images)")
         adversary = [e.get("adversary_accuracy") for e in log["epochs"]]
         if any(a is not None for a in adversary):
             axis.plot(epochs, [float("nan") if a is None else a for a in adversary], label="adversary acc.")
@@ -504,8 +511,41 @@ def perturbation_probe_frame(board: Leaderboard) -> pd.DataFrame:
     return pd.DataFrame(rows)
 
 
+def robust_features_section(spec: BenchmarkSpec, record: CellRecord | None) -> list[str]:
+    """The label-leak board's robust-feature leakage section (Ilyas et al.'s data sets, Goh's lower bound)."""
+    if not spec.robust_features:
+        return []
+    o = robust_feature_settings(dict(spec.robust_features))
+    lines = [
+        "## Robust-feature leakage",
+        "",
+        f"Ilyas et al.'s data sets, built on the `{o['source']}` model from the first {o['train_examples']:,} training "
+        f"images: targeted L2 PGD ({o['steps']} steps, eps {o['eps']:g}) towards a new label, and the image relabelled "
+        "with it: **D_rand** a uniformly random other class, **D_det** the next class, (y + 1) mod C. **Target "
+        "reached** is how often the attack made the model predict its target. A fresh "
+        f"`{o['network']}` trained on each data set (natural recipe, {o['epochs']} epochs) is tested on the clean "
+        f"test examples (**Network → clean test**). Goh's lower bound on how much of that comes from robust "
+        "features leaking into the attacks: a linear classifier (ridge regression on one-hot labels) fitted on the "
+        f"same data set but seeing only the 10 features w_i·x of a robust linear model (trained on the clean training "
+        f"images against its exact worst case in an L2 ball of radius {o['radius']:g}) is tested the same way "
+        "(**Robust linear features → clean test**). Accuracy far above chance from robust features alone says the "
+        "attacks planted features a robust model can see, not only non-robust ones.",
+        "",
+    ]
+    if record is None:
+        return lines + ["_Not run yet: the cell is missing from the store._", ""]
+    m = record.measurements
+    true = np.asarray(m["true_label"])
+    lines += [_markdown(pd.DataFrame(robust_feature_rows(m)), digits=1), "",
+              f"The robust linear model itself: {100 * float((m['linear_predictions'] == true).mean()):.1f}% clean test "
+              f"accuracy; its prediction is certified constant in the L2 ball of radius {o['radius']:g} on "
+              f"{100 * float(np.asarray(m['linear_certified']).mean()):.1f}% of the test examples (Goh's specification "
+              "2 asks for at least 80%).", ""]
+    return lines
+
+
 def render_label_leak_markdown(spec: BenchmarkSpec, frame: pd.DataFrame, *, command: str, commit: str, figure: str,
-                               probe: pd.DataFrame | None = None) -> str:
+                               probe: pd.DataFrame | None = None, robust_features: list[str] = ()) -> str:
     lines = [
         f"# Label leaking: {spec.name}",
         "",
@@ -542,7 +582,7 @@ def render_label_leak_markdown(spec: BenchmarkSpec, frame: pd.DataFrame, *, comm
             _markdown(probe),
             "",
         ]
-    return "\n".join(lines)
+    return "\n".join(lines + list(robust_features))
 
 
 def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path, *, command: str) -> list[Path]:
@@ -568,7 +608,8 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
         leak_path = out_dir / ("label-leaking.md" if spec.name == "mnist-quick" else f"{spec.name}-label-leaking.md")
         leak_path.write_text(render_label_leak_markdown(
             spec, frame, command=command, figure=leak_figure.as_posix(), commit=", ".join(board.commits) or code_commit(),
-            probe=perturbation_probe_frame(board) if spec.perturbation_probe else None))
+            probe=perturbation_probe_frame(board) if spec.perturbation_probe else None,
+            robust_features=robust_features_section(spec, board.robust_features)))
         paths.append(leak_path)
     return paths
 
@@ -577,7 +618,7 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
 
 NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 NUMBERS_IN_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
-KEY_HEADERS = {"Defense", "Twins", "eps", "Check", "Column", "Gradient"}  # leading columns that name a row
+KEY_HEADERS = {"Defense", "Twins", "eps", "Check", "Column", "Gradient", "Data set"}  # leading columns that name a row
 
 
 def _same_text(committed: str, fresh: str, tolerance: float) -> bool:

@@ -9,7 +9,8 @@ Every error names the file and the TOML key that is wrong, and what is allowed t
     [attacks.ID]  attack = "<ATTACKS id>" + the attack's options, optional eps = [...] (a subset of the grid),
                   optional source = "<defense>" (a transfer column: crafted on that defense's model)
     [checks.ID]   a sanity check by its CHECKS id + the check's options (`python -m harness list checks`)
-    [label_leak]  pairs = [["<true-label column>", "<label-free twin column>"], ...], perturbation_probe = true
+    [label_leak]  pairs = [["<true-label column>", "<label-free twin column>"], ...], perturbation_probe = true,
+                  robust_features = { source = "<defense>", ... } (Ilyas et al.'s D_rand / D_det, Goh's bound)
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ from pathlib import Path
 import harness.plugins  # noqa: F401  (every registry entry must exist before a spec is checked)
 from attacks_ext.base import Attack, check_eps
 from defenses.recipes import Recipe, build_recipe
-from harness.registry import ATTACKS, CHECKS, DATASETS
+from harness.registry import ATTACKS, CHECKS, DATASETS, MODELS
 from harness.threat import Norm
 
 
@@ -103,6 +104,7 @@ class BenchmarkSpec:
     checks: tuple[CheckSpec, ...] = ()
     cascade: bool = False  # attack columns run on the examples still robust (harness.matrix's docstring)
     perturbation_probe: bool = False  # [label_leak] perturbation_probe: linear probes on sign-gradient perturbations
+    robust_features: tuple[tuple[str, object], ...] = ()  # [label_leak] robust_features: source defense and options
 
     @property
     def label_leak_columns(self) -> frozenset[str]:
@@ -253,7 +255,7 @@ def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ..
 
 def _load_label_leak(path, table: dict, attacks: tuple[AttackSpec, ...]) -> tuple[tuple[str, str], ...]:
     """[label_leak] pairs = [["<true-label column>", "<label-free twin column>"], ...]"""
-    _check_keys(path, "label_leak", table, {"pairs", "perturbation_probe"})
+    _check_keys(path, "label_leak", table, {"pairs", "perturbation_probe", "robust_features"})
     if not isinstance(table.get("perturbation_probe", False), bool):
         _fail(path, "label_leak.perturbation_probe", f"must be true or false, got {table['perturbation_probe']!r}")
     pairs = table.get("pairs", [])
@@ -272,6 +274,29 @@ def _load_label_leak(path, table: dict, attacks: tuple[AttackSpec, ...]) -> tupl
             _fail(path, "label_leak.pairs", f"{pair!r}: the twins need the same norm and eps grid")
         out.append((pair[0], pair[1]))
     return tuple(out)
+
+
+def _load_robust_features(path, table, defenses: tuple[DefenseSpec, ...]) -> tuple[tuple[str, object], ...]:
+    """[label_leak] robust_features = { source = "<defense>", <options of the robust-features probe> }"""
+    from attacks_ext.label_leak import robust_feature_settings
+
+    key = "label_leak.robust_features"
+    _check_keys(path, key, table, {"source"} | set(robust_feature_settings({})), required={"source"})
+    names = [d.name for d in defenses]
+    if table["source"] not in names:
+        _fail(path, f"{key}.source", f"{table['source']!r} is not a defense of this benchmark; defenses: {', '.join(names)}")
+    for name in ("train_examples", "steps", "epochs"):
+        if name in table:
+            _positive_int(path, f"{key}.{name}", table[name])
+    for name, norm in (("eps", Norm.L2), ("radius", Norm.L2)):
+        if name in table:
+            try:
+                check_eps(table[name], norm)
+            except (TypeError, ValueError) as error:
+                _fail(path, f"{key}.{name}", str(error))
+    if "network" in table and table["network"] not in MODELS:
+        _fail(path, f"{key}.network", f"unknown model {table['network']!r}; known: {', '.join(MODELS)}")
+    return tuple(sorted(table.items()))
 
 
 def _load_checks(path, table: dict, context) -> tuple[CheckSpec, ...]:
@@ -359,6 +384,8 @@ def load(path: str | Path) -> BenchmarkSpec:
 
     label_leak_pairs = _load_label_leak(path, raw.get("label_leak", {}), attacks)
     perturbation_probe = raw.get("label_leak", {}).get("perturbation_probe", False)
+    robust_features = raw.get("label_leak", {}).get("robust_features")
+    robust_features = () if robust_features is None else _load_robust_features(path, robust_features, defenses)
     eval_examples = _positive_int(path, "benchmark.eval_examples", bench.get("eval_examples", 1000))
     cascade = bench.get("cascade", False)
     if not isinstance(cascade, bool):
@@ -368,6 +395,7 @@ def load(path: str | Path) -> BenchmarkSpec:
 
     return BenchmarkSpec(
         label_leak_pairs=label_leak_pairs, checks=checks, cascade=cascade, perturbation_probe=perturbation_probe,
+        robust_features=robust_features,
         name=bench.get("name", path.stem), path=path, dataset=dataset,
         dataset_options=tuple(sorted(dataset_options.items())), seed=seed,
         eval_examples=eval_examples,

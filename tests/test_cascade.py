@@ -9,6 +9,8 @@ from torch import nn
 
 from attacks_ext.base import ExampleRandomness
 from attacks_ext.pgd import ProjectedGradientDescent, random_start
+from attacks_ext.second_order import SecondOrderAttack
+from harness.models import InputQuantization
 from harness import report
 from harness import spec as spec_module
 from harness.counting import EvaluationCounter
@@ -76,6 +78,27 @@ def test_early_stop_equals_the_run_to_the_end_that_keeps_any_misclassified_itera
     assert (full_counter.gradient_evals, full_counter.forward_evals) == attack.evaluations_to_end(200, eps)
     assert stopped_counter.gradient_evals < full_counter.gradient_evals  # what early stop saved
     assert stopped_counter.forward_evals == stopped_counter.gradient_evals  # no extra forward to check
+
+
+def test_an_iterate_that_stops_moving_leaves_the_attack_with_the_point_the_run_to_the_end_returns(mnist):
+    """Input rounding has a zero gradient: no PGD iterate ever moves, so each example leaves after one step (a
+    fixed point, or fooled at its start) with what the full run returns. S-O draws fresh noise every step, so an
+    unchanged iterate is no fixed point there and it runs on."""
+    model = InputQuantization(smooth_model(), 2).eval()
+    x, y = mnist.x_test[:50], mnist.y_test[:50]
+    for norm, eps in ((Norm.LINF, 0.3), (Norm.L2, 2.0)):
+        attack = ProjectedGradientDescent("pgd", norm, steps=20)
+        counter = EvaluationCounter(model)
+        stopped = attack(counter, x, y, eps=eps, generator=ExampleRandomness(1, range(50)), stop_when_fooled=True)
+        full = attack(model, x, y, eps=eps, generator=ExampleRandomness(1, range(50)))
+        assert torch.equal(stopped, full)
+        assert counter.gradient_evals == 50
+    so = SecondOrderAttack("so", Norm.LINF, steps=5, draws=2)
+    counter = EvaluationCounter(model)
+    so(counter, x, y, eps=0.3, generator=ExampleRandomness(1, range(50)), stop_when_fooled=True)
+    with torch.no_grad():
+        survivors = int((model(random_start(x, 0.3, Norm.LINF, ExampleRandomness(1, range(50)))).argmax(1) == y).sum())
+    assert survivors > 0 and counter.gradient_evals == 2 * (5 * survivors + (50 - survivors))
 
 
 CASCADE_SPEC = """

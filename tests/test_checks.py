@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attacks_ext.checks import (Column, Context, Evidence, FgsmDirectionLoss, MonotoneInEps, RestartSweep, Status,
-                                StepSweep)
+from attacks_ext.checks import (Column, Context, Evidence, FgsmDirectionLoss, GradientNormTrace, MonotoneInEps,
+                                RestartSweep, Status, StepSweep)
 from harness import report, spec as spec_module
 from harness.matrix import run
 from harness.models import InputQuantization
@@ -229,6 +229,29 @@ def test_monotone_check_flags_accuracy_rising_with_eps():
 def test_fgsm_line_signature_is_a_rise_then_a_fall_below_the_start():
     loss = np.array([[1.0, 2.0, 3.0], [1.0, 2.0, 0.5], [1.0, 0.8, 0.5], [1.0, 1.0, 1.0]])
     assert FgsmDirectionLoss.signature(loss).tolist() == [False, True, False, False]
+
+
+def trace(pgd, so, norm, eps) -> CellRecord:
+    probe = dataclasses.replace(record([1, 1, 1, 1]), options={"norm": norm, "eps": eps})
+    return dataclasses.replace(probe, measurements={"pgd_correct": np.array(pgd), "so_correct": np.array(so),
+                                                    "pgd_grad_l1": np.ones(3), "so_grad_l1": np.ones(3)})
+
+
+def test_gradient_trace_runs_under_each_norm_and_warns_where_s_o_beats_pgd():
+    """Li et al.'s finding: a model trained under L-inf can look robust to L2 PGD and not to L2 S-O."""
+    context = Context({Norm.LINF: (0.1, 0.3), Norm.L2: (1.0, 2.0)}, (Norm.LINF, 0.3), 4)
+    check = GradientNormTrace()
+    requests = {r.name: dict(r.options) for r in check.requests(context)}
+    assert {name: (o["norm"], o["eps"]) for name, o in requests.items()} == {"trace linf": ("linf", 0.3),
+                                                                              "trace l2": ("l2", 2.0)}
+    same = trace([1, 1, 0, 0], [1, 1, 0, 0], "linf", 0.3)
+    evidence_of = lambda l2: Evidence("d", context, {}, {}, {"trace linf": same, "trace l2": l2})  # noqa: E731
+    verdict = check.evaluate(evidence_of(trace([1, 1, 1, 0], [1, 0, 0, 0], "l2", 2.0)))
+    assert verdict.status is Status.WARN and "at L2 2" in verdict.reason
+    assert verdict.details == {"PGD L∞ 0.3 (%)": 50.0, "S-O L∞ 0.3 (%)": 50.0, "PGD L2 2 (%)": 75.0, "S-O L2 2 (%)": 25.0}
+    assert check.evaluate(evidence_of(trace([1, 1, 0, 0], [1, 1, 0, 0], "l2", 2.0))).status is Status.PASS
+    assert check.evaluate(evidence_of(None)).status is None  # one norm's probe missing: no verdict
+    assert [r.name for r in GradientNormTrace(norms=["linf"]).requests(context)] == ["trace linf"]
 
 
 def test_a_missing_cell_gives_no_verdict_rather_than_a_pass():

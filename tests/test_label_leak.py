@@ -3,9 +3,11 @@ import numpy as np
 import pytest
 import torch
 
-from attacks_ext.label_leak import held_out_predictions, perturbation_probe_rows, probe_perturbation_labels, score_label_leak
+from attacks_ext.label_leak import (certified_static, fit_robust_linear, held_out_predictions, perturbation_probe_rows,
+                                    probe_perturbation_labels, relabelled_targets, score_label_leak)
 from harness import report, spec as spec_module
-from harness.matrix import plan
+from harness.matrix import plan, run
+from harness.registry import ATTACKS
 from harness.store import CellRecord, ResultStore
 from tests.test_matrix import SPEC
 
@@ -129,4 +131,67 @@ def test_perturbation_probe_on_the_board(tmp_path, mnist, natural_model):
                                                                                     "natural | least-likely", "natural | random"}
     path.write_text(LEAK_SPEC + "perturbation_probe = 1\n")
     with pytest.raises(spec_module.SpecError, match=r"label_leak.perturbation_probe.*true or false"):
+        spec_module.load(path)
+
+
+ROBUST = 'robust_features = { source = "natural", train_examples = 300, eps = 2.0, steps = 5, epochs = 2 }\n'
+
+
+def test_robust_feature_leakage_runs_as_a_cell_and_renders_on_the_board(tmp_path, mnist):
+    """Ilyas et al.'s data sets built on the natural defense, tested on the evaluation examples, stored and
+    rendered as one label-leak board section; its cost counts towards the source's evaluation."""
+    path = tmp_path / "leak.toml"
+    path.write_text(LEAK_SPEC + ROBUST)
+    spec = spec_module.load(path)
+    cells = [c for c in plan(spec, mnist) if c.probe is not None]
+    assert [(c.defense, c.request, c.examples) for c in cells] == [("natural", "robust-features", 60)]
+    with ResultStore(tmp_path / "s.sqlite") as store:
+        summary = run(spec, store=store, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
+        assert summary.failed == []
+        board = report.build(spec, store, mnist)
+        record = board.robust_features
+        markdown = report.write(spec, store, mnist, tmp_path / "out", command="test")[1].read_text()
+    m = record.measurements
+    assert np.array_equal(m["true_label"], mnist.y_test[:60].numpy())
+    assert 0 < m["rand_reached"][0] <= 1 and len(m["det_network_predictions"]) == 60
+    assert record.gradient_evals == 2 * 300 * 5  # both data sets: every training image, every step
+    assert board.costs.set_index("Defense").loc["natural", "Eval grad"] >= record.gradient_evals
+    tables = report.parse_tables(markdown)
+    rows = {row for heading, row, _ in tables if heading == "Robust-feature leakage"}
+    assert rows == {"D_rand (random other class)", "D_det (y + 1 mod C)"}
+    assert "certified constant in the L2 ball of radius 0.25" in markdown
+
+
+def test_relabelled_targets_and_the_linear_certificate(mnist):
+    y = mnist.y_train[:500]
+    targets = relabelled_targets(y, 10, torch.Generator().manual_seed(0))
+    assert torch.equal(targets["det"], (y + 1) % 10) and not (targets["rand"] == y).any()
+    assert len(set(targets["rand"].tolist())) == 10
+    x = mnist.x_train[:500]
+    weights = fit_robust_linear(x, y, 10, radius=0.25, steps=100)
+    assert certified_static(weights, x, 0.25).mean() > 0.8  # Goh's specification 2 holds at its radius
+    certified = torch.from_numpy(certified_static(weights, x, 1.5))
+    assert 0 < float(certified.float().mean()) < 1
+    # the certificate is sound: L2 PGD at that radius against the linear model moves no certified prediction
+    linear = torch.nn.Sequential(torch.nn.Flatten(), torch.nn.Linear(784, 10, bias=False)).eval()
+    linear[1].weight.data = weights.float()
+    with torch.no_grad():
+        predicted = linear(x).argmax(1)
+    x_adv = ATTACKS.get("pgd-l2")(steps=40)(linear, x, predicted, eps=1.5, generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        moved = linear(x_adv).argmax(1) != predicted
+    assert not (moved & certified).any() and moved.any()
+
+
+@pytest.mark.parametrize("table, message", [
+    ('robust_features = { source = "natral" }', "'natral' is not a defense of this benchmark"),
+    ('robust_features = { source = "natural", step = 3 }', "unknown key 'step'"),
+    ('robust_features = { source = "natural", eps = -1.0 }', "eps must be"),
+    ('robust_features = { source = "natural", network = "vgg" }', "unknown model 'vgg'"),
+    ('robust_features = { steps = 3 }', "source"),
+])
+def test_bad_robust_feature_options_name_the_key(tmp_path, table, message):
+    path = tmp_path / "leak.toml"
+    path.write_text(LEAK_SPEC + table + "\n")
+    with pytest.raises(spec_module.SpecError, match=r"label_leak.robust_features.*" + message):
         spec_module.load(path)

@@ -18,6 +18,15 @@ def test_natural_training_learns(tiny_mnist):
     assert log.forward_passes == 2 * 800 and log.backward_passes == 2 * 800  # one pass per example per epoch
 
 
+def test_the_logged_clean_accuracy_is_the_models_on_the_fixed_monitor_images(tiny_mnist):
+    """Measured once per epoch on the first training images, not by a clean pass beside every training batch."""
+    model, log = train(build_recipe("gaussian-noise", epochs=1), tiny_mnist, seed=0, progress=False)
+    monitored = min(training.MONITOR_EXAMPLES, len(tiny_mnist.x_train))
+    expected = accuracy(model, tiny_mnist.x_train[:monitored], tiny_mnist.y_train[:monitored])
+    assert log.epochs[-1]["clean_accuracy"] == pytest.approx(expected)
+    assert log.forward_passes == 800  # the monitor pass is bookkeeping, not training cost
+
+
 def test_same_seed_same_weights(tiny_mnist):
     recipe = build_recipe("natural", epochs=1)
     first, _ = train(recipe, tiny_mnist, seed=3, progress=False)
