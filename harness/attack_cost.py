@@ -46,7 +46,7 @@ def load_benchmarks(path: Path) -> tuple[pd.DataFrame, dict]:
         options = info.get("options") or {}
         budget = ", ".join(f"{k}={v}" for k, v in sorted(options.items()))
         rows.append({"attack": info.get("attack") + (f" ({budget})" if budget else ""), "batch": info.get("batch"),
-                     "library": _library(info),
+                     "name": info.get("attack"), "bare": bool(info.get("bare")), "library": _library(info),
                      "family": info.get("family"), "median_s": bench["stats"]["median"],
                      "forward_evals": info.get("forward_evals"), "gradient_evals": info.get("gradient_evals")})
     if not rows:
@@ -57,7 +57,7 @@ def load_benchmarks(path: Path) -> tuple[pd.DataFrame, dict]:
 def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Time per 1,000 examples, model evaluations per example and the ratio to the floor, per attack and batch."""
     floors = frame[frame.attack == "floor"].set_index("batch")["median_s"]
-    attacks = frame[frame.attack != "floor"].copy()
+    attacks = frame[(frame.attack != "floor") & ~frame.bare].copy()
     if attacks.empty or floors.empty:
         raise ValueError("the benchmark JSON lacks the floor or the attacks; run the whole tests/bench suite")
     attacks["ms per 1k examples"] = 1e6 * attacks.median_s / attacks.batch
@@ -76,6 +76,18 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     ordered = ["family", "attack", "library", "fwd / example", "grad / example"]
     ordered += [c for c in table.columns if c.startswith("floor ratio")] + [c for c in table.columns if c.startswith("ms per")]
     return table[ordered].sort_values(["family", "attack"]).reset_index(drop=True)
+
+
+def overhead_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per adapter with a bare-call benchmark: its median time over the library's own call, per batch."""
+    bare = frame[frame.bare].set_index(["name", "batch"])["median_s"]
+    adapted = frame[~frame.bare & frame.name.isin(bare.index.get_level_values(0))]
+    rows = {}
+    for _, row in adapted.iterrows():
+        if (row["name"], row.batch) in bare.index:
+            rows.setdefault(row["name"], {"attack": row["name"], "library": row.library})[
+                f"adapter / library call (batch {row.batch})"] = row.median_s / bare[(row["name"], row.batch)]
+    return pd.DataFrame(list(rows.values()))
 
 
 def strength_section(result: dict) -> list[str]:
@@ -150,6 +162,19 @@ def render(path: Path, out: Path, *, command: str, strength: Path | None = None)
                                 "forward + backward (ms)": 1e3 * floors.median_s}), digits=3),
         "",
     ]
+    overhead = overhead_table(frame)
+    if not overhead.empty:
+        lines += [
+            "## Adapter overhead",
+            "",
+            "Median time of the attack through our adapter over the median time of the library's own call with the "
+            "same settings on the same batch (`test_bare_library_call`: the call as a user would write it). The "
+            "adapter adds eval mode, RNG isolation, restoring the model's modes and parameter gradients, and for ART "
+            "a classifier wrapper per call. Target: at most 1.10.",
+            "",
+            _markdown(overhead, digits=2),
+            "",
+        ]
     if strength is not None and Path(strength).is_file():
         from harness.strength import load
 

@@ -51,3 +51,17 @@ def test_library_comes_from_the_adapter_and_budgets_are_named(tmp_path):
     assert by_attack["unregistered-x"] == "ours"  # not registered: as recorded
     markdown = render(path, tmp_path / "out", command="test").read_text()
     assert "from `b.json`" in markdown and str(tmp_path) not in markdown
+
+
+def test_adapter_overhead_divides_the_adapter_by_the_bare_library_call(tmp_path):
+    """A bare-call benchmark pairs with the adapter of the same name and batch; it never enters the per-attack table."""
+    bare = bench("ta-pgd-linf", 256, 2.0)
+    bare["extra_info"].update(bare=True, family="bare library call")
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"benchmarks": [bench("floor", 256, 0.05), bare,
+                                               bench("ta-pgd-linf", 256, 2.1, forward=256 * 40, gradient=256 * 40)]}))
+    frame, _ = load_benchmarks(path)
+    assert len(cost_table(frame)) == 1
+    markdown = render(path, tmp_path / "out", command="test").read_text()
+    row = next(line for line in markdown.split("## Adapter overhead")[1].splitlines() if line.startswith("| ta-pgd-linf"))
+    assert "torchattacks" in row and "1.05" in row

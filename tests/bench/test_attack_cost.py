@@ -54,7 +54,12 @@ def cost_model(mnist):
     return model
 
 
-def rounds_for(batch: int) -> int:
+def rounds_for(batch: int, gradients_per_example: float) -> int:
+    """pytest-benchmark rounds of one call: many for calls of a gradient or two per example (a few
+    milliseconds, whose median of 3 rounds was noise: 1.0 to 1.7 times the floor between runs), few for the
+    long ones."""
+    if gradients_per_example <= 2:
+        return 15
     return 5 if batch < 256 else 3
 
 
@@ -89,4 +94,54 @@ def test_attack_cost(benchmark, cost_model, mnist, name, batch):
         "options": options, "forward_evals": counter.forward_evals, "gradient_evals": counter.gradient_evals,
     })
     benchmark.pedantic(lambda: attack(cost_model, x, y, eps=eps, generator=torch.Generator().manual_seed(0)),
-                       rounds=rounds_for(batch), iterations=1, warmup_rounds=1)
+                       rounds=rounds_for(batch, counter.gradient_evals / batch), iterations=1, warmup_rounds=1)
+
+
+def _bare_torchattacks(build):
+    def call(model, x, y, eps):
+        return build(model, eps)(x, y)
+    return call
+
+
+def _bare_art(build):
+    def call(model, x, y, eps):
+        import numpy as np
+        from art.estimators.classification import PyTorchClassifier
+
+        classifier = PyTorchClassifier(model=model, loss=torch.nn.CrossEntropyLoss(), input_shape=tuple(x.shape[1:]),
+                                       nb_classes=10, clip_values=(0.0, 1.0), device_type="cpu")
+        return build(classifier, eps, np.inf, len(x)).generate(x=x.numpy(), y=y.numpy())
+    return call
+
+
+def _bare_calls() -> dict:
+    """Each adapter's library call as a user would write it, with the adapter's settings at the benchmarked
+    budget (PGD: 40 steps of 2.5 eps / 40, one random start; FGSM: one step of eps)."""
+    import torchattacks
+    from art.attacks.evasion import FastGradientMethod, ProjectedGradientDescentPyTorch
+
+    return {
+        "ta-pgd-linf": _bare_torchattacks(lambda m, eps: torchattacks.PGD(m, eps=eps, alpha=2.5 * eps / 40, steps=40,
+                                                                           random_start=True)),
+        "ta-fgsm": _bare_torchattacks(lambda m, eps: torchattacks.FGSM(m, eps=eps)),
+        "art-pgd-linf": _bare_art(lambda c, eps, norm, batch: ProjectedGradientDescentPyTorch(
+            c, norm=norm, eps=eps, eps_step=2.5 * eps / 40, max_iter=40, num_random_init=1, batch_size=batch, verbose=False)),
+        "art-fgm-linf": _bare_art(lambda c, eps, norm, batch: FastGradientMethod(c, norm=norm, eps=eps, eps_step=eps,
+                                                                                  batch_size=batch)),
+    }
+
+
+@pytest.mark.parametrize("batch", BATCHES)
+@pytest.mark.parametrize("name", ["ta-pgd-linf", "ta-fgsm", "art-pgd-linf", "art-fgm-linf"])
+def test_bare_library_call(benchmark, cost_model, mnist, name, batch):
+    """The library call behind an adapter, without the adapter (its eval mode, RNG isolation, gradient and mode
+    restore, per-call model wrapping): attack-cost.md divides the adapter's time by this one."""
+    call = _bare_calls()[name]
+    x, y = mnist.x_test[:batch], mnist.y_test[:batch]
+    cost_model.eval()
+    benchmark.group = f"adapter overhead batch={batch}"
+    benchmark.extra_info.update({"attack": name, "bare": True, "batch": batch, "library": library_of(name),
+                                 "family": "bare library call"})
+    gradients = 1 if name in ("ta-fgsm", "art-fgm-linf") else 40
+    benchmark.pedantic(lambda: call(cost_model, x, y, 0.3), rounds=rounds_for(batch, gradients), iterations=1,
+                       warmup_rounds=1)
