@@ -789,7 +789,7 @@ class GradientNormTrace(Check):
                  warn_margin: float = 2.0):
         self.steps, self.examples = _count(steps, "steps"), _count(examples, "examples")
         self.eps_option = {Norm.LINF: eps, Norm.L2: l2_eps}
-        if norms is not None and (not isinstance(norms, list) or not norms):
+        if norms is not None and (not isinstance(norms, (list, tuple)) or not norms):  # a TOML list arrives as a tuple
             raise ValueError(f"norms must be a non-empty list of 'linf' and 'l2', got {norms!r}")
         self.norms = None if norms is None else tuple(dict.fromkeys(Norm.parse(n) for n in norms))
         self.sigma, self.draws = _number(sigma, "sigma"), _count(draws, "draws")

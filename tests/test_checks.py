@@ -252,6 +252,9 @@ def test_gradient_trace_runs_under_each_norm_and_warns_where_s_o_beats_pgd():
     assert check.evaluate(evidence_of(trace([1, 1, 0, 0], [1, 1, 0, 0], "l2", 2.0))).status is Status.PASS
     assert check.evaluate(evidence_of(None)).status is None  # one norm's probe missing: no verdict
     assert [r.name for r in GradientNormTrace(norms=["linf"]).requests(context)] == ["trace linf"]
+    assert [r.name for r in GradientNormTrace(norms=("l2",)).requests(context)] == ["trace l2"]  # as the TOML gives it
+    with pytest.raises(ValueError, match="norms must be a non-empty list"):
+        GradientNormTrace(norms=[])
 
 
 def test_a_missing_cell_gives_no_verdict_rather_than_a_pass():
@@ -269,6 +272,7 @@ def test_a_missing_cell_gives_no_verdict_rather_than_a_pass():
     ("[attacks.t]\nattack = \"fgsm\"\nsource = \"natral\"\n", "[attacks.t.source] 'natral' is not a defense of this benchmark"),
     ("[attacks.t]\nattack = \"ta-square\"\nsource = \"natural\"\n", "ta-square is gradient-free; a transfer attack needs"),
     ("[checks.gradient-free]\nattack = \"pgd-linf\"\n", "'pgd-linf' is iterative, not gradient-free"),
+    ("[checks.gradient-norm-trace]\nnorms = [\"l3\"]\n", "[checks.gradient-norm-trace] unknown norm 'l3'; allowed: linf, l2"),
 ])
 def test_check_options_are_validated_with_the_key(tmp_path, table, message):
     base = SPEC.split("[checks.")[0]
