@@ -199,8 +199,8 @@ def _save(fig, path) -> None:
     save_figure(fig, path, dpi=100)
 
 
-def _finish(fig, axis, path, *, xlabel: str, ylabel: str, title: str, drawn: bool, log_y: bool = False) -> bool:
-    """Label, legend and save a one-panel check figure; returns whether anything was drawn."""
+def _label(axis, *, xlabel: str, ylabel: str, title: str, drawn: bool, log_y: bool = False) -> None:
+    """Axis labels, grid, title and (when anything was drawn) the legend of one check-figure panel."""
     if log_y:
         axis.set_yscale("log")
     axis.set_xlabel(xlabel)
@@ -209,6 +209,11 @@ def _finish(fig, axis, path, *, xlabel: str, ylabel: str, title: str, drawn: boo
     axis.set_title(title, fontsize=10)
     if drawn:
         axis.legend(fontsize=7, ncol=2)
+
+
+def _finish(fig, axis, path, *, xlabel: str, ylabel: str, title: str, drawn: bool, log_y: bool = False) -> bool:
+    """Label, legend and save a one-panel check figure; returns whether anything was drawn."""
+    _label(axis, xlabel=xlabel, ylabel=ylabel, title=title, drawn=drawn, log_y=log_y)
     _save(fig, path)
     return drawn
 
@@ -856,12 +861,8 @@ class GradientNormTrace(Check):
                             norms = m[f"{attack}_grad_l1"]  # ends where the attack has no example left
                             axis.plot(np.arange(1, len(norms) + 1), np.maximum(norms, 1e-12), color=color,
                                       linestyle=style, label=label)
-            axis.set_yscale("log")
-            axis.set_xlabel("attack iteration")
-            axis.set_ylabel("mean ‖∇x CE‖₁, examples still attacked")
-            axis.grid(alpha=0.3)
-            axis.set_title(f"{norm.symbol} {eps:g}: PGD (solid) and S-O (dashed)", fontsize=10)
-            axis.legend(fontsize=7, ncol=2)
+            _label(axis, xlabel="attack iteration", ylabel="mean ‖∇x CE‖₁, examples still attacked", log_y=True,
+                   title=f"{norm.symbol} {eps:g}: PGD (solid) and S-O (dashed)", drawn=True)
         _save(fig, path)
         return True
 

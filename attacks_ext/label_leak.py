@@ -177,10 +177,15 @@ def linear_gaps(weights: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return squared.clamp_min(1e-24).sqrt()[y] * (1 - F.one_hot(y, weights.shape[0]).to(weights.dtype))
 
 
+def linear_features(weights: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    """(N, C) float64 on the CPU: the features w_i^T x of the linear model `weights`, i.e. its logits."""
+    return x.flatten(1).double().cpu() @ weights.T
+
+
 def certified_static(weights: torch.Tensor, x: torch.Tensor, radius: float) -> np.ndarray:
     """Per example: the linear classifier's prediction cannot change anywhere in the L2 ball of `radius`
     (Goh's specification 2), certified analytically: every margin exceeds radius * ||w_pred - w_j||."""
-    logits = x.flatten(1).double() @ weights.T
+    logits = linear_features(weights, x)
     predicted = logits.argmax(1)
     margins = logits.gather(1, predicted[:, None]) - logits
     gaps = linear_gaps(weights, predicted)
@@ -207,9 +212,9 @@ def probe_robust_features(model, x, y, *, generator, training, train_examples: i
     targets = relabelled_targets(y_train, classes, generator)
     seed = int(torch.randint(0, 2**31 - 1, (1,), generator=generator))
     weights = fit_robust_linear(x_train.cpu(), y_train.cpu(), classes, radius=radius)
-    test_features = x.flatten(1).double().cpu() @ weights.T
+    test_features = linear_features(weights, x)
     out = {"true_label": y.cpu().numpy(), "linear_predictions": test_features.argmax(1).numpy(),
-           "linear_certified": certified_static(weights, x.cpu(), radius)}
+           "linear_certified": certified_static(weights, x, radius)}
     for name, target in targets.items():
         x_adv = targeted_pgd(model, x_train, target, eps=eps, steps=steps)
         with torch.no_grad():
@@ -219,7 +224,7 @@ def probe_robust_features(model, x, y, *, generator, training, train_examples: i
                                  device=x.device, progress=False)
         with torch.no_grad():
             out[f"{name}_network_predictions"] = network_model(x).argmax(1).cpu().numpy()
-        probe = fit_linear_probe(x_adv.flatten(1).double().cpu() @ weights.T, target.cpu(), classes)
+        probe = fit_linear_probe(linear_features(weights, x_adv), target.cpu(), classes)
         out[f"{name}_robust_linear_predictions"] = (_with_bias(test_features) @ probe).argmax(1).numpy()
     return out
 

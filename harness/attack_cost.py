@@ -81,9 +81,8 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
 def overhead_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Per adapter with a bare-call benchmark: its median time over the library's own call, per batch."""
     bare = frame[frame.bare].set_index(["name", "batch"])["median_s"]
-    adapted = frame[~frame.bare & frame.name.isin(bare.index.get_level_values(0))]
     rows = {}
-    for _, row in adapted.iterrows():
+    for _, row in frame[~frame.bare].iterrows():
         if (row["name"], row.batch) in bare.index:
             rows.setdefault(row["name"], {"attack": row["name"], "library": row.library})[
                 f"adapter / library call (batch {row.batch})"] = row.median_s / bare[(row["name"], row.batch)]
