@@ -62,11 +62,14 @@ class ExampleRandomness:
     examples still in play, so the others' draws do not shift when an example leaves the batch.
     """
 
-    def __init__(self, seed: int, indices: Iterable[int], *, _generators: list | None = None):
+    def __init__(self, seed: int, indices: Iterable[int], *, _streams: list | None = None,
+                 _positions: list[int] | None = None):
         self.seed = int(seed)
         self.indices = [int(i) for i in indices]
-        self._generators = _generators if _generators is not None else [
-            torch.Generator().manual_seed(self.stream_seed(self.seed, i)) for i in self.indices]
+        # A stream is made at its first draw (most attacks never draw, and a generator per example costs a few
+        # microseconds each). A subset shares its parent's list of streams and names its slots in it.
+        self._streams = _streams if _streams is not None else [None] * len(self.indices)
+        self._positions = _positions if _positions is not None else list(range(len(self.indices)))
 
     @staticmethod
     def stream_seed(seed: int, index) -> int:
@@ -78,13 +81,19 @@ class ExampleRandomness:
     def subset(self, keep: torch.Tensor) -> "ExampleRandomness":
         """The streams of the examples at positions `keep` (an index tensor), sharing their state."""
         positions = keep.tolist()
-        return ExampleRandomness(self.seed, [self.indices[k] for k in positions],
-                                 _generators=[self._generators[k] for k in positions])
+        return ExampleRandomness(self.seed, [self.indices[k] for k in positions], _streams=self._streams,
+                                 _positions=[self._positions[k] for k in positions])
+
+    def _generators(self) -> list[torch.Generator]:
+        for slot, index in zip(self._positions, self.indices):
+            if self._streams[slot] is None:
+                self._streams[slot] = torch.Generator().manual_seed(self.stream_seed(self.seed, index))
+        return [self._streams[slot] for slot in self._positions]
 
     def _draw(self, sample, shape: tuple, dtype) -> torch.Tensor:
-        if not self._generators:
+        if not self.indices:
             return torch.empty((0, *shape), dtype=dtype)
-        return torch.stack([sample(shape, generator=g, dtype=dtype) for g in self._generators])
+        return torch.stack([sample(shape, generator=g, dtype=dtype) for g in self._generators()])
 
     def rand(self, *shape: int, dtype=torch.float32) -> torch.Tensor:
         """U[0, 1) of shape (N, *shape)."""
@@ -96,9 +105,9 @@ class ExampleRandomness:
 
     def randint(self, low: int, high: int) -> torch.Tensor:
         """One integer in [low, high) per example, shape (N,)."""
-        if not self._generators:
+        if not self.indices:
             return torch.empty((0,), dtype=torch.long)
-        return torch.cat([torch.randint(low, high, (1,), generator=g) for g in self._generators])
+        return torch.cat([torch.randint(low, high, (1,), generator=g) for g in self._generators()])
 
     def library_seed(self) -> int:
         """One 31-bit seed for a library call on this batch. Libraries draw for the whole batch from a global
@@ -183,11 +192,16 @@ def seed_from(generator: torch.Generator) -> int:
 
 @contextlib.contextmanager
 def isolated_global_rng(seed: int, device: torch.device):
-    """Seed torch's and numpy's global RNGs for a library call and restore them afterwards."""
+    """Seed torch's global RNG for `device` (and the CPU's) and numpy's for a library call, and restore them
+    afterwards. Only the generators that are restored are seeded: `torch.manual_seed` would also reseed every
+    other accelerator's generator for good (and costs a millisecond per call queueing those seeds)."""
     devices = [device] if device.type == "cuda" else []
     numpy_state = np.random.get_state()
     with torch.random.fork_rng(devices=devices):
-        torch.manual_seed(seed)
+        torch.default_generator.manual_seed(seed)
+        for cuda_device in devices:
+            with torch.cuda.device(cuda_device):
+                torch.cuda.manual_seed(seed)
         np.random.seed(seed)
         try:
             yield

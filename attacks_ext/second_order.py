@@ -10,7 +10,6 @@ the noise-averaged softmax instead of averaging the loss gradients.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from attacks_ext.base import Attack
 from attacks_ext.pgd import ProjectedGradientDescent
@@ -21,6 +20,8 @@ from harness.threat import Norm
 class SecondOrderAttack(ProjectedGradientDescent):
     """S-O: PGD on the mean of `draws` gradients taken at x_t + N(0, sigma^2 I). Shapes as PGD."""
 
+    deterministic_gradient = False  # fresh noise every step: an unchanged iterate is no fixed point
+
     def __init__(self, name: str, norm: Norm, *, steps: int = 40, step_fraction: float | None = None,
                  random_start: bool = True, sigma: float = 0.1, draws: int = 4):
         super().__init__(name, norm, steps=steps, step_fraction=step_fraction, random_start=random_start)
@@ -30,8 +31,6 @@ class SecondOrderAttack(ProjectedGradientDescent):
             raise ValueError(f"draws must be a positive integer, got {draws!r}")
         self.sigma, self.draws = float(sigma), int(draws)
 
-    deterministic_gradient = False  # fresh noise every step: an unchanged iterate is no fixed point
-
     def gradient(self, model, x_adv, y, rng):
         # Each example's noise comes from its own stream, all draws at once. The draws then go through the model
         # one at a time: a batch of draws x N runs markedly slower per example on a CPU than N at a time. The
@@ -39,8 +38,7 @@ class SecondOrderAttack(ProjectedGradientDescent):
         noise = rng.randn(self.draws, *x_adv.shape[1:]).to(x_adv.device, x_adv.dtype)
         total = torch.zeros_like(x_adv)
         for draw in range(self.draws):
-            point = (x_adv.detach() + self.sigma * noise[:, draw]).requires_grad_(True)
-            (grad,) = torch.autograd.grad(F.cross_entropy(model(point), y, reduction="sum"), point)
+            grad, _ = super().gradient(model, x_adv.detach() + self.sigma * noise[:, draw], y, rng)
             total += grad
         return total / self.draws, None
 

@@ -24,7 +24,7 @@ from tqdm.auto import tqdm
 
 from harness.counting import EvaluationCounter
 from harness.data import Dataset
-from harness.models import build_model
+from harness.models import build_model, correct_predictions
 from attacks_ext.pgd import project
 from defenses.recipes import Recipe
 from harness.registry import ATTACKS
@@ -141,10 +141,9 @@ def _accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     """Accuracy of `model` on (x, y) in eval mode (batch-norm statistics untouched); the mode is restored."""
     was_training = model.training
     model.eval()
-    with torch.no_grad():
-        correct = sum(int((model(x[i : i + 500]).argmax(1) == y[i : i + 500]).sum()) for i in range(0, len(x), 500))
+    correct = correct_predictions(model, x, y)
     model.train(was_training)
-    return correct / max(len(x), 1)
+    return int(correct.sum()) / max(len(x), 1)
 
 
 def build_recipe_model(recipe: Recipe, data: Dataset) -> nn.Module:

@@ -35,7 +35,7 @@ from attacks_ext.checks import PROBES, ProbeRequest
 from defenses.train import Checkpoint, checkpoint_key, file_sha256, load_checkpoint_model, obtain_checkpoint
 from harness.counting import EvaluationCounter
 from harness.data import Dataset, load_dataset
-from harness.models import load_external
+from harness.models import correct_predictions, load_external
 from harness.registry import ATTACKS
 from harness.spec import AttackSpec, BenchmarkSpec, DefenseSpec
 from harness.store import CellRecord, ResultStore
@@ -341,11 +341,11 @@ def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.
     counter = EvaluationCounter(model if source_model is None else source_model)
     if cell.attack is None:  # the clean evaluation's cost is its one forward pass
         start = time.perf_counter()
-        correct = _correct(counter, x, y, batch_size=batch_size, device=device)
+        correct = correct_predictions(counter, x, y, batch_size=batch_size, device=device)
         return CellOutcome(correct, correct, time.perf_counter() - start, counter.forward_evals, counter.gradient_evals)
     attack = cell.attack.build()
     if clean_correct is None:  # the harness's own pass, not counted
-        clean_correct = _correct(model, x, y, batch_size=batch_size, device=device)
+        clean_correct = correct_predictions(model, x, y, batch_size=batch_size, device=device)
     todo = np.arange(len(x)) if attacked is None else np.flatnonzero(attacked)
     adv_correct, seconds = np.zeros(len(x), dtype=bool), 0.0
     for begin in range(0, len(todo), batch_size):
@@ -361,15 +361,6 @@ def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.
             adv_correct[index] = (model(x_adv).argmax(1) == yb).cpu().numpy()
     return CellOutcome(clean_correct, adv_correct, seconds, counter.forward_evals, counter.gradient_evals,
                        {} if attacked is None else {"attacked": np.asarray(attacked, dtype=bool)})
-
-
-def _correct(model, x: torch.Tensor, y: torch.Tensor, *, batch_size: int, device: torch.device) -> np.ndarray:
-    parts = []
-    with torch.no_grad():
-        for begin in range(0, len(x), batch_size):
-            xb, yb = x[begin : begin + batch_size].to(device), y[begin : begin + batch_size].to(device)
-            parts.append((model(xb).argmax(1) == yb).cpu().numpy())
-    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
 
 
 class CellRunner:
@@ -396,8 +387,9 @@ class CellRunner:
         """The cell's model's clean outcome on its examples, computed once per model and example count."""
         key = (self.defenses[cell.defense].key, cell.examples)
         if key not in self._clean:
-            self._clean[key] = _correct(self.model(cell.defense), self.x[: cell.examples], self.y[: cell.examples],
-                                        batch_size=self.batch_size, device=self.device)
+            self._clean[key] = correct_predictions(self.model(cell.defense), self.x[: cell.examples],
+                                                   self.y[: cell.examples], batch_size=self.batch_size,
+                                                   device=self.device)
         return self._clean[key]
 
     def survivors(self, cell: Cell) -> np.ndarray | None:

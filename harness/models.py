@@ -4,6 +4,7 @@ Each factory takes `num_classes`, `in_channels` and a `width` multiplier (the se
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -197,3 +198,17 @@ def load_external(factory: str, weights, options: dict | None = None) -> nn.Modu
     except RuntimeError as error:
         raise ValueError(f"external model weights {str(path)!r} do not fit {factory!r}: {error}") from None
     return model.eval()
+
+
+def correct_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int = 500,
+                        device: torch.device | None = None) -> np.ndarray:
+    """Whether `model` classifies each example of (x, y) correctly, in batches (moved to `device` if given), as
+    a bool array on the CPU. The model's mode is the caller's business."""
+    parts = []
+    with torch.no_grad():
+        for begin in range(0, len(x), batch_size):
+            xb, yb = x[begin : begin + batch_size], y[begin : begin + batch_size]
+            if device is not None:
+                xb, yb = xb.to(device), yb.to(device)
+            parts.append((model(xb).argmax(1) == yb).cpu().numpy())
+    return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)

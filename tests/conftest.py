@@ -5,6 +5,7 @@ import harness.plugins  # noqa: F401  (registers every built-in entry)
 from defenses.recipes import build_recipe
 from defenses.train import train
 from harness.data import Dataset, load_dataset
+from harness.models import correct_predictions
 
 
 @pytest.fixture(scope="session")
@@ -31,5 +32,4 @@ def batch(mnist):
 
 
 def accuracy(model, x, y) -> float:
-    with torch.no_grad():
-        return float((model(x).argmax(1) == y).float().mean())
+    return float(correct_predictions(model, x, y).mean())

@@ -6,29 +6,35 @@ import pytest
 from harness.attack_cost import cost_table, load_benchmarks, render
 
 
-def bench(attack, batch, median, forward=None, gradient=None):
+def bench(attack, batch, median, forward=None, gradient=None, floor_ratio=None):
     info = {"attack": attack, "batch": batch, "library": "ours", "family": "floor" if attack == "floor" else "pgd"}
     if forward is not None:
         info.update(forward_evals=forward, gradient_evals=gradient)
+    if floor_ratio is not None:
+        info.update(floor_ratio=floor_ratio)
     return {"stats": {"median": median}, "extra_info": info}
 
 
 def test_floor_ratio_and_rates(tmp_path):
+    """The floor ratio is the benchmark's own paired measurement, not a ratio of the medians; an attack without
+    gradients has none."""
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"machine_info": {"cpu": {"brand_raw": "Test CPU"}}, "benchmarks": [
         bench("floor", 16, 0.010), bench("floor", 256, 0.100),
-        bench("pgd-linf", 16, 0.44, forward=16 * 40, gradient=16 * 40),
-        bench("pgd-linf", 256, 4.0, forward=256 * 40, gradient=256 * 40),
+        bench("pgd-linf", 16, 0.44, forward=16 * 40, gradient=16 * 40, floor_ratio=1.0625),
+        bench("pgd-linf", 256, 4.0, forward=256 * 40, gradient=256 * 40, floor_ratio=1.0375),
+        bench("random-sign", 256, 0.002, forward=0, gradient=0),
     ]}))
     frame, machine = load_benchmarks(path)
-    table = cost_table(frame)
-    row = table.iloc[0]
+    table = cost_table(frame).set_index("attack")
+    row = table.loc["pgd-linf"]
     assert row["grad / example"] == 40 and row["fwd / example"] == 40
-    assert row["floor ratio (batch 16)"] == pytest.approx(0.44 / (40 * 0.010))
-    assert row["floor ratio (batch 256)"] == pytest.approx(4.0 / (40 * 0.100))
+    assert row["floor ratio (batch 16)"] == 1.0625 and row["floor ratio (batch 256)"] == 1.0375
     assert row["ms per 1k examples (batch 256)"] == pytest.approx(1e6 * 4.0 / 256)
     markdown = render(path, tmp_path / "out", command="test").read_text()
-    assert "Test CPU" in markdown and "| pgd " in markdown and "1.10" in markdown
+    assert "Test CPU" in markdown and "| pgd " in markdown and "1.04" in markdown and "1.06" in markdown
+    noise = next(line for line in markdown.splitlines() if "| random-sign" in line)
+    assert "—" in noise and "7.81" in noise  # no floor ratio; 2 ms per 256 examples
 
 
 def test_empty_json_is_a_clear_error(tmp_path):
@@ -54,9 +60,9 @@ def test_library_comes_from_the_adapter_and_budgets_are_named(tmp_path):
 
 
 def test_adapter_overhead_divides_the_adapter_by_the_bare_library_call(tmp_path):
-    """A bare-call benchmark pairs with the adapter of the same name and batch; it never enters the per-attack table."""
+    """A bare-call benchmark carries the paired adapter / library ratio; it never enters the per-attack table."""
     bare = bench("ta-pgd-linf", 256, 2.0)
-    bare["extra_info"].update(bare=True, family="bare library call")
+    bare["extra_info"].update(bare=True, family="bare library call", adapter_ratio=1.05)
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"benchmarks": [bench("floor", 256, 0.05), bare,
                                                bench("ta-pgd-linf", 256, 2.1, forward=256 * 40, gradient=256 * 40)]}))

@@ -55,6 +55,22 @@ def test_example_streams_survive_examples_leaving():
     assert ExampleRandomness(3, [0, 1]).library_seed() != ExampleRandomness(3, [0, 2]).library_seed()
 
 
+def test_streams_made_at_first_draw_are_shared_between_a_subset_and_its_parent():
+    """A stream is made when first drawn from, by a subset or by its parent; either way both then read the one
+    stream, as if every stream had been made up front."""
+    rng = ExampleRandomness(3, [10, 11, 12, 13])
+    kept = rng.subset(torch.tensor([1, 3]))
+    kept_first = kept.rand(2)  # streams of examples 11 and 13 made by the subset
+    parent = rng.rand(2)  # continues those two, starts the other two
+    inner = kept.subset(torch.tensor([1])).rand(2)  # example 13's third draw
+    alone = {i: ExampleRandomness(3, [i]) for i in (10, 11, 12, 13)}
+    first = {i: alone[i].rand(2)[0] for i in alone}
+    second = {i: alone[i].rand(2)[0] for i in alone}
+    assert torch.equal(kept_first, torch.stack([first[11], first[13]]))
+    assert torch.equal(parent, torch.stack([first[10], second[11], first[12], second[13]]))
+    assert torch.equal(inner[0], alone[13].rand(2)[0])
+
+
 @pytest.mark.parametrize("norm, eps", [(Norm.LINF, 0.08), (Norm.L2, 1.0)])
 def test_early_stop_equals_the_run_to_the_end_that_keeps_any_misclassified_iterate(natural_model, mnist, norm, eps):
     x, y = mnist.x_test[:200], mnist.y_test[:200]

@@ -4,6 +4,7 @@ import pytest
 import torch
 from torch import nn
 
+from attacks_ext.base import isolated_global_rng
 from attacks_ext.pgd import margin_gradient
 from harness.registry import ATTACKS
 from harness.threat import Norm, perturbation_norms
@@ -46,6 +47,20 @@ def test_minimal_perturbation_attacks_are_projected_onto_the_ball(natural_model,
     x_adv = ATTACKS.get(name)(**options)(natural_model, x, y, eps=0.5, generator=torch.Generator().manual_seed(0))
     norms = perturbation_norms(x, x_adv, Norm.L2)
     assert float(norms.max()) <= 0.5 + 1e-4 and bool((norms > 0.49).any())
+
+
+def test_a_library_call_sees_the_global_rngs_as_after_manual_seed():
+    """What a library draws inside the isolation is what it would draw after torch.manual_seed(seed) and
+    np.random.seed(seed); the generators are put back afterwards."""
+    torch.manual_seed(0)
+    np.random.seed(0)
+    before = torch.random.get_rng_state(), np.random.get_state()[1].copy()
+    with isolated_global_rng(42, torch.device("cpu")):
+        inside = torch.rand(5), np.random.rand(5)
+    assert torch.equal(torch.random.get_rng_state(), before[0]) and np.array_equal(np.random.get_state()[1], before[1])
+    torch.manual_seed(42)
+    np.random.seed(42)
+    assert torch.equal(inside[0], torch.rand(5)) and np.array_equal(inside[1], np.random.rand(5))
 
 
 def test_hopskipjump_starts_come_from_each_examples_stream(natural_model, mnist):

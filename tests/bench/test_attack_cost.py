@@ -4,8 +4,16 @@ Fixed model (a naturally trained small CNN, seed 0) and fixed batches of the fir
 digits. Each attack's benchmark carries its exact model-evaluation counts in `extra_info`; the `floor`
 group times one forward + backward (input gradient) of the same batch, so a k-gradient attack's floor is
 k x that. `python -m harness attack-cost` renders leaderboards/attack-cost.md from the saved JSON.
+
+Ratios are paired: before each timed round of an attack, a few forward + backward passes of the same batch (or,
+for an adapter's bare library call, one call through the adapter) are timed, and the ratio is the median over
+rounds of each round's quotient. On a shared machine whose speed drifts by a quarter between minutes, a ratio of
+two medians taken minutes apart measured the drift (step-ll read 1.68x its floor in one run, 1.01x in the next).
 """
 import inspect
+import math
+import statistics
+import time
 
 import pytest
 import torch
@@ -54,6 +62,41 @@ def cost_model(mnist):
     return model
 
 
+FLOOR_SAMPLE = 5  # forward + backward passes timed before each round: enough to read the machine's current speed
+
+
+class Paired:
+    """Times `reference` right before each timed round of `call` (as pytest-benchmark's untimed `setup`), so that
+    the two see the machine at the same speed; `run` gives the (call, reference) seconds of every timed round."""
+
+    def __init__(self, call, reference, *, warmup_rounds: int = 1):
+        self.call, self.reference, self.warmup = call, reference, warmup_rounds
+        self.references, self.calls = [], []
+
+    def setup(self):
+        start = time.perf_counter()
+        self.reference()
+        self.references.append(time.perf_counter() - start)
+
+    def target(self):
+        start = time.perf_counter()
+        result = self.call()
+        self.calls.append(time.perf_counter() - start)
+        return result
+
+    def run(self, benchmark, rounds: int) -> list[tuple[float, float]]:
+        benchmark.pedantic(self.target, setup=self.setup, rounds=rounds, iterations=1, warmup_rounds=self.warmup)
+        pairs = list(zip(self.calls, self.references))
+        return pairs[self.warmup:] or pairs  # a disabled benchmark (no --benchmark-enable) runs once, no warm-up
+
+
+def forward_backward(model, x, y):
+    """One input gradient of the batch's summed cross-entropy: the unit every gradient attack pays per step."""
+    xg = x.clone().requires_grad_(True)
+    (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
+    return grad
+
+
 def rounds_for(batch: int, gradients_per_example: float) -> int:
     """pytest-benchmark rounds of one call: many for calls of a gradient or two per example (a few
     milliseconds, whose median of 3 rounds was noise: 1.0 to 1.7 times the floor between runs), few for the
@@ -69,13 +112,8 @@ def test_floor(benchmark, cost_model, mnist, batch):
     x, y = mnist.x_test[:batch], mnist.y_test[:batch]
     benchmark.group = f"floor batch={batch}"
     benchmark.extra_info.update({"attack": "floor", "batch": batch, "library": "-", "family": "floor"})
-
-    def forward_backward():
-        xg = x.clone().requires_grad_(True)
-        (grad,) = torch.autograd.grad(F.cross_entropy(cost_model(xg), y, reduction="sum"), xg)
-        return grad
-
-    benchmark.pedantic(forward_backward, rounds=20 if batch < 256 else 10, iterations=1, warmup_rounds=2)
+    benchmark.pedantic(lambda: forward_backward(cost_model, x, y), rounds=20 if batch < 256 else 10, iterations=1,
+                       warmup_rounds=2)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -93,8 +131,25 @@ def test_attack_cost(benchmark, cost_model, mnist, name, batch):
         "attack": name, "batch": batch, "library": library_of(name), "family": family(name), "eps": eps,
         "options": options, "forward_evals": counter.forward_evals, "gradient_evals": counter.gradient_evals,
     })
-    benchmark.pedantic(lambda: attack(cost_model, x, y, eps=eps, generator=torch.Generator().manual_seed(0)),
-                       rounds=rounds_for(batch, counter.gradient_evals / batch), iterations=1, warmup_rounds=1)
+    gradients = counter.gradient_evals / batch
+    rounds = rounds_for(batch, gradients)
+
+    def call():
+        return attack(cost_model, x, y, eps=eps, generator=torch.Generator().manual_seed(0))
+
+    if not gradients:  # no floor to compare with
+        benchmark.pedantic(call, rounds=rounds, iterations=1, warmup_rounds=1)
+        return
+    # Before each round, up to FLOOR_SAMPLE passes read the machine's speed; the floor is k of them.
+    sample = min(math.ceil(gradients), FLOOR_SAMPLE)
+
+    def floor_sample():
+        for _ in range(sample):
+            forward_backward(cost_model, x, y)
+
+    pairs = Paired(call, floor_sample).run(benchmark, rounds)
+    benchmark.extra_info["floor_ratio"] = statistics.median(
+        attack_time / (floor_time * gradients / sample) for attack_time, floor_time in pairs)
 
 
 def _bare_torchattacks(build):
@@ -135,12 +190,18 @@ def _bare_calls() -> dict:
 @pytest.mark.parametrize("name", ["ta-pgd-linf", "ta-fgsm", "art-pgd-linf", "art-fgm-linf"])
 def test_bare_library_call(benchmark, cost_model, mnist, name, batch):
     """The library call behind an adapter, without the adapter (its eval mode, RNG isolation, gradient and mode
-    restore, per-call model wrapping): attack-cost.md divides the adapter's time by this one."""
+    restore, per-call model wrapping), each round right after one call through the adapter: attack-cost.md
+    shows the median over rounds of adapter time / library time."""
     call = _bare_calls()[name]
     x, y = mnist.x_test[:batch], mnist.y_test[:batch]
     benchmark.group = f"adapter overhead batch={batch}"
     benchmark.extra_info.update({"attack": name, "bare": True, "batch": batch, "library": library_of(name),
                                  "family": "bare library call"})
-    gradients = 1 if ATTACKS.get(name)().family == "one-step" else 40  # the benchmarked PGD budget
-    benchmark.pedantic(lambda: call(cost_model, x, y, 0.3), rounds=rounds_for(batch, gradients), iterations=1,
-                       warmup_rounds=1)
+    adapter = ATTACKS.get(name)()  # its defaults are the settings of the bare call
+    gradients = 1 if adapter.family == "one-step" else 40  # the benchmarked PGD budget
+
+    def through_adapter():
+        return adapter(cost_model, x, y, eps=0.3, generator=torch.Generator().manual_seed(0))
+
+    pairs = Paired(lambda: call(cost_model, x, y, 0.3), through_adapter).run(benchmark, rounds_for(batch, gradients))
+    benchmark.extra_info["adapter_ratio"] = statistics.median(adapter_time / bare for bare, adapter_time in pairs)
