@@ -1050,6 +1050,12 @@ def probe_landscape(model, x, y, *, generator, grid: int, radius: float) -> dict
     return {"axis": axis.double().numpy(), "random": surface(u, v, axis), "adversarial": surface(g, v, half)}
 
 
+# Probes whose arrays hold one row per example, except the named ones, which every batch gives alike: the harness
+# runs them batch by batch, so evaluation memory stays flat as the test set grows (linearization alone holds
+# classes x input size floats per example). The others measure across examples (a trace's mean per iteration,
+# a classifier fitted on all of them) or draw noise shaped like the whole batch, and get their examples at once.
+BATCHED_PROBES = {"input-gradients": (), "output-stats": (), "fgsm-line": ("eps",), "linearization": ()}
+
 PROBES = {
     "input-gradients": probe_input_gradients,
     "output-stats": probe_output_stats,

@@ -31,7 +31,7 @@ import torch
 from tqdm.auto import tqdm
 
 from attacks_ext.base import ExampleRandomness
-from attacks_ext.checks import PROBES, ProbeRequest
+from attacks_ext.checks import BATCHED_PROBES, PROBES, ProbeRequest
 from defenses.train import Checkpoint, checkpoint_key, file_sha256, load_checkpoint_model, obtain_checkpoint
 from harness.counting import EvaluationCounter
 from harness.data import Dataset, load_dataset
@@ -304,21 +304,29 @@ class CellOutcome:
         return self.clean_correct & self.adv_correct
 
 
-def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *,
+def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
                    device: torch.device, training: tuple[torch.Tensor, torch.Tensor] | None = None) -> CellOutcome:
-    """Measure `model` on (x, y) in one batch with the probe the cell names (a sanity check's or the label-leak
-    board's evidence); a probe that takes `training` also gets the training split."""
+    """Measure `model` on (x, y) with the probe the cell names (a sanity check's or the label-leak board's
+    evidence), batch by batch where the probe allows it (`BATCHED_PROBES`); a probe that takes `training` also
+    gets the training split."""
     counter = EvaluationCounter(model)
     generator = torch.Generator().manual_seed(cell.seed)
-    x, y = x.to(device), y.to(device)
-    with torch.no_grad():
-        correct = (model(x).argmax(1) == y).cpu().numpy()
+    correct = correct_predictions(model, x, y, batch_size=batch_size, device=device)
     probe = PROBES[cell.probe.probe_id]
-    extra = {"training": training} if "training" in inspect.signature(probe).parameters else {}
-    if extra and training is None:
-        raise ValueError(f"probe {cell.probe.probe_id!r} needs the training split")
+    options = dict(cell.probe.options)
+    if "training" in inspect.signature(probe).parameters:
+        if training is None:
+            raise ValueError(f"probe {cell.probe.probe_id!r} needs the training split")
+        options["training"] = training
     start = time.perf_counter()
-    arrays = probe(counter, x, y, generator=generator, **dict(cell.probe.options), **extra)
+    if cell.probe.probe_id in BATCHED_PROBES and len(x):
+        shared = BATCHED_PROBES[cell.probe.probe_id]
+        parts = [probe(counter, x[begin : begin + batch_size].to(device), y[begin : begin + batch_size].to(device),
+                       generator=generator, **options) for begin in range(0, len(x), batch_size)]
+        arrays = {name: parts[0][name] if name in shared else np.concatenate([part[name] for part in parts])
+                  for name in parts[0]}
+    else:
+        arrays = probe(counter, x.to(device), y.to(device), generator=generator, **options)
     seconds = time.perf_counter() - start
     return CellOutcome(correct, correct, seconds, counter.forward_evals, counter.gradient_evals,
                        {name: np.asarray(value) for name, value in arrays.items()})
@@ -337,7 +345,7 @@ def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.
     counted is then the source's. `clean_correct`: the model's clean outcome on (x, y) where the caller has it;
     `training`: the training split, for the probes that need it."""
     if cell.probe is not None:
-        return evaluate_probe(cell, model, x, y, device=device, training=training)
+        return evaluate_probe(cell, model, x, y, batch_size=batch_size, device=device, training=training)
     counter = EvaluationCounter(model if source_model is None else source_model)
     if cell.attack is None:  # the clean evaluation's cost is its one forward pass
         start = time.perf_counter()

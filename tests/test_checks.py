@@ -322,3 +322,26 @@ def test_identical_requests_from_two_checks_share_one_cell(tmp_path, mnist):
     assert by_label["randomized-outputs: outputs"] == by_label["probability-outputs: outputs"]
     assert by_label["restart-sweep: restart 1"] != by_label["restart-sweep: restart 2"]
     assert len({cell.key for cell in cells}) < len(cells)
+
+
+@pytest.mark.parametrize("probe_id, options", [("linearization", ()), ("fgsm-line", (("eps_max", 0.3), ("points", 4))),
+                                               ("output-stats", (("passes", 2),)), ("input-gradients", ())])
+def test_per_example_probes_stream_their_examples_in_batches(natural_model, mnist, monkeypatch, probe_id, options):
+    """A probe whose arrays hold one row per example never sees more than a batch at once (memory stays flat as
+    the test set grows), and gives what it gives on all the examples at once."""
+    from attacks_ext import checks
+    from attacks_ext.checks import PROBES, ProbeRequest
+    from harness.matrix import Cell, evaluate_probe
+
+    seen, probe = [], PROBES[probe_id]
+    monkeypatch.setitem(PROBES, probe_id, lambda model, x, y, **kw: seen.append(len(x)) or probe(model, x, y, **kw))
+    cell = Cell("k", "natural", "key", None, 0.0, seed=3, examples=50,
+                probe=ProbeRequest("p", probe_id, options, 50), check="c", request="p")
+    x, y = mnist.x_test[:50], mnist.y_test[:50]
+    streamed = evaluate_probe(cell, natural_model, x, y, batch_size=16, device=torch.device("cpu"))
+    assert seen == [16, 16, 16, 2] and probe_id in checks.BATCHED_PROBES
+    whole = evaluate_probe(cell, natural_model, x, y, batch_size=50, device=torch.device("cpu"))
+    assert seen[-1] == 50 and streamed.measurements.keys() == whole.measurements.keys()
+    for name, value in whole.measurements.items():
+        np.testing.assert_allclose(streamed.measurements[name], value, rtol=1e-4, atol=1e-6, err_msg=name)
+    assert streamed.forward_evals == whole.forward_evals and np.array_equal(streamed.clean_correct, whole.clean_correct)
