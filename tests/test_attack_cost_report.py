@@ -37,6 +37,21 @@ def test_floor_ratio_and_rates(tmp_path):
     assert "—" in noise and "7.81" in noise  # no floor ratio; 2 ms per 256 examples
 
 
+def test_the_floor_table_shows_each_input_the_floor_was_timed_at(tmp_path):
+    """Floors recorded without `inputs` are the clean digits; the others get a column of their own."""
+    at_ball = bench("floor", 256, 0.106)
+    at_ball["extra_info"]["inputs"] = "linf-ball"
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps({"benchmarks": [bench("floor", 256, 0.1), at_ball,
+                                               bench("fgsm", 256, 0.1, forward=256, gradient=256, floor_ratio=1.0)]}))
+    markdown = render(path, tmp_path / "out", command="test").read_text()
+    floor = markdown.split("## The floor")[1]
+    header = next(line for line in floor.splitlines() if line.startswith("| batch"))
+    assert "clean digits (the floor)" in header and "Linf 0.3 ball" in header and "S-O" not in header
+    row = next(line for line in floor.splitlines() if line.startswith("| 256"))
+    assert "100.000" in row and "106.000" in row
+
+
 def test_empty_json_is_a_clear_error(tmp_path):
     (tmp_path / "b.json").write_text(json.dumps({"benchmarks": []}))
     with pytest.raises(ValueError, match="run `tox -e bench` first"):
