@@ -53,7 +53,8 @@ def load_benchmarks(path: Path) -> tuple[pd.DataFrame, dict]:
                      "family": info.get("family"), "median_s": bench["stats"]["median"],
                      "forward_evals": info.get("forward_evals"), "gradient_evals": info.get("gradient_evals"),
                      "floor_ratio": info.get("floor_ratio", float("nan")), "inputs": info.get("inputs", "clean"),
-                     "adapter_ratio": info.get("adapter_ratio", float("nan"))})
+                     "adapter_ratio": info.get("adapter_ratio", float("nan")),
+                     "clean_ratio": info.get("clean_ratio", float("nan"))})
     if not rows:
         raise ValueError(f"{path}: no benchmarks in it; run `tox -e bench` first")
     return pd.DataFrame(rows), raw.get("machine_info", {})
@@ -61,9 +62,8 @@ def load_benchmarks(path: Path) -> tuple[pd.DataFrame, dict]:
 
 def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     """Time per 1,000 examples, model evaluations per example and the ratio to the floor, per attack and batch."""
-    floors = frame[frame.attack == "floor"].set_index("batch")["median_s"]
     attacks = frame[(frame.attack != "floor") & ~frame.bare].copy()
-    if attacks.empty or floors.empty:
+    if attacks.empty or not (frame.attack == "floor").any():
         raise ValueError("the benchmark JSON lacks the floor or the attacks; run the whole tests/bench suite")
     attacks["ms per 1k examples"] = 1e6 * attacks.median_s / attacks.batch
     attacks["fwd / example"] = attacks.forward_evals / attacks.batch
@@ -78,6 +78,20 @@ def cost_table(frame: pd.DataFrame) -> pd.DataFrame:
     ordered = ["family", "attack", "library", "fwd / example", "grad / example"]
     ordered += [c for c in table.columns if c.startswith("floor ratio")] + [c for c in table.columns if c.startswith("ms per")]
     return table[ordered].sort_values(["family", "attack"]).reset_index(drop=True)
+
+
+def floor_table(frame: pd.DataFrame) -> pd.DataFrame:
+    """Per batch, the forward + backward medians (ms) at each input, and each non-clean input's paired ratio to
+    the clean digits where the benchmark measured it."""
+    floors = frame[frame.attack == "floor"]
+    order = [inputs for inputs in FLOOR_INPUTS if inputs in set(floors.inputs)]
+    table = pd.DataFrame({"batch": sorted(floors.batch.unique())})
+    for inputs in order:
+        rows = floors[floors.inputs == inputs].set_index("batch")
+        table[FLOOR_INPUTS[inputs]] = [1e3 * rows.median_s.get(batch, float("nan")) for batch in table.batch]
+        if inputs != "clean" and rows.clean_ratio.notna().any():
+            table[f"{inputs} x clean"] = [rows.clean_ratio.get(batch, float("nan")) for batch in table.batch]
+    return table
 
 
 def overhead_table(frame: pd.DataFrame) -> pd.DataFrame:
@@ -137,9 +151,7 @@ def strength_section(result: dict) -> list[str]:
 def render(path: Path, out: Path, *, command: str, strength: Path | None = None) -> Path:
     frame, machine = load_benchmarks(path)
     table = cost_table(frame)
-    floors = frame[frame.attack == "floor"].pivot_table(index="batch", columns="inputs", values="median_s", aggfunc="first")
-    floors = 1e3 * floors[[inputs for inputs in FLOOR_INPUTS if inputs in floors.columns]]
-    floors.columns = [FLOOR_INPUTS[inputs] for inputs in floors.columns]
+    floors = floor_table(frame)
     cpu = machine.get("cpu", {}).get("brand_raw") or machine.get("processor") or "unknown CPU"
     lines = [
         "# Attack cost",
@@ -162,11 +174,14 @@ def render(path: Path, out: Path, *, command: str, strength: Path | None = None)
         "",
         "## The floor",
         "",
-        "One forward + backward of the batch (ms). Its cost depends on the pixels, not only on the shape: the clean "
-        "digits are the floor of every ratio above; the other columns time the same batch at the points attacks "
-        "visit, which every iterative attack's ratio therefore includes.",
+        "One forward + backward of the batch (ms, the median of its own benchmark): at the clean digits, the floor "
+        "of every ratio above, and at the points attacks visit. These medians come from separate benchmarks and "
+        "carry the machine's drift between them"
+        + ("; **x clean** is the paired ratio (each round against the clean digits timed right before it), which "
+           "does not." if any(column.endswith(" x clean") for column in floors.columns) else
+           " (this run predates the paired comparison with the clean digits)."),
         "",
-        _markdown(floors.reset_index(), digits=3),
+        _markdown(floors, digits=3),
         "",
     ]
     overhead = overhead_table(frame)

@@ -40,7 +40,7 @@ def test_floor_ratio_and_rates(tmp_path):
 def test_the_floor_table_shows_each_input_the_floor_was_timed_at(tmp_path):
     """Floors recorded without `inputs` are the clean digits; the others get a column of their own."""
     at_ball = bench("floor", 256, 0.106)
-    at_ball["extra_info"]["inputs"] = "linf-ball"
+    at_ball["extra_info"].update(inputs="linf-ball", clean_ratio=1.0625)
     path = tmp_path / "b.json"
     path.write_text(json.dumps({"benchmarks": [bench("floor", 256, 0.1), at_ball,
                                                bench("fgsm", 256, 0.1, forward=256, gradient=256, floor_ratio=1.0)]}))
@@ -49,7 +49,7 @@ def test_the_floor_table_shows_each_input_the_floor_was_timed_at(tmp_path):
     header = next(line for line in floor.splitlines() if line.startswith("| batch"))
     assert "clean digits (the floor)" in header and "Linf 0.3 ball" in header and "S-O" not in header
     row = next(line for line in floor.splitlines() if line.startswith("| 256"))
-    assert "100.000" in row and "106.000" in row
+    assert "100.000" in row and "106.000" in row and "1.062" in row and "linf-ball x clean" in header
 
 
 def test_empty_json_is_a_clear_error(tmp_path):
