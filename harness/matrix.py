@@ -305,13 +305,15 @@ class CellOutcome:
 
 
 def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
-                   device: torch.device, training: tuple[torch.Tensor, torch.Tensor] | None = None) -> CellOutcome:
+                   device: torch.device, training: tuple[torch.Tensor, torch.Tensor] | None = None,
+                   clean_correct: np.ndarray | None = None) -> CellOutcome:
     """Measure `model` on (x, y) with the probe the cell names (a sanity check's or the label-leak board's
     evidence), batch by batch where the probe allows it (`BATCHED_PROBES`); a probe that takes `training` also
-    gets the training split."""
+    gets the training split. `clean_correct`: the model's clean outcome on (x, y) where the caller has it."""
     counter = EvaluationCounter(model)
     generator = torch.Generator().manual_seed(cell.seed)
-    correct = correct_predictions(model, x, y, batch_size=batch_size, device=device)
+    if clean_correct is None:  # the harness's own pass, not counted
+        clean_correct = correct_predictions(model, x, y, batch_size=batch_size, device=device)
     probe = PROBES[cell.probe.probe_id]
     options = dict(cell.probe.options)
     if "training" in inspect.signature(probe).parameters:
@@ -328,7 +330,7 @@ def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch
     else:
         arrays = probe(counter, x.to(device), y.to(device), generator=generator, **options)
     seconds = time.perf_counter() - start
-    return CellOutcome(correct, correct, seconds, counter.forward_evals, counter.gradient_evals,
+    return CellOutcome(clean_correct, clean_correct, seconds, counter.forward_evals, counter.gradient_evals,
                        {name: np.asarray(value) for name, value in arrays.items()})
 
 
@@ -345,7 +347,8 @@ def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.
     counted is then the source's. `clean_correct`: the model's clean outcome on (x, y) where the caller has it;
     `training`: the training split, for the probes that need it."""
     if cell.probe is not None:
-        return evaluate_probe(cell, model, x, y, batch_size=batch_size, device=device, training=training)
+        return evaluate_probe(cell, model, x, y, batch_size=batch_size, device=device, training=training,
+                              clean_correct=clean_correct)
     counter = EvaluationCounter(model if source_model is None else source_model)
     if cell.attack is None:  # the clean evaluation's cost is its one forward pass
         start = time.perf_counter()
@@ -419,10 +422,12 @@ class CellRunner:
         x, y = self.x[: cell.examples], self.y[: cell.examples]
         model = self.model(cell.defense)
         if cell.reuses is None:
+            # The clean cell's own pass is its counted cost; attacks and probes reuse the model's clean outcome.
+            clean_correct = None if cell.attack is None and cell.probe is None else self.clean_correct(cell)
             return evaluate_cell(cell, model, x, y, batch_size=self.batch_size, device=self.device,
                                  source_model=None if cell.source is None else self.model(cell.source),
                                  attacked=self.survivors(cell), training=(self.data.x_train, self.data.y_train),
-                                 clean_correct=None if cell.attack is None else self.clean_correct(cell))
+                                 clean_correct=clean_correct)
         column = self._records([cell.reuses], cell)[cell.reuses]
         ran = column.measurements.get("attacked")
         ran = np.ones(cell.examples, dtype=bool) if ran is None else np.asarray(ran[: cell.examples], dtype=bool)

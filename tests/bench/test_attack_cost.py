@@ -17,8 +17,9 @@ import time
 
 import pytest
 import torch
-import torch.nn.functional as F
 
+from attacks_ext.base import ExampleRandomness
+from attacks_ext.pgd import cross_entropy_gradient, random_start
 from defenses.recipes import build_recipe
 from harness.attack_cost import library_of
 from defenses.train import train
@@ -84,17 +85,11 @@ class Paired:
         self.calls.append(time.perf_counter() - start)
         return result
 
-    def run(self, benchmark, rounds: int) -> list[tuple[float, float]]:
+    def run(self, benchmark, rounds: int) -> list[float]:
+        """call time / reference time of each timed round."""
         benchmark.pedantic(self.target, setup=self.setup, rounds=rounds, iterations=1, warmup_rounds=self.warmup)
-        pairs = list(zip(self.calls, self.references))
-        return pairs[self.warmup:] or pairs  # a disabled benchmark (no --benchmark-enable) runs once, no warm-up
-
-
-def forward_backward(model, x, y):
-    """One input gradient of the batch's summed cross-entropy: the unit every gradient attack pays per step."""
-    xg = x.clone().requires_grad_(True)
-    (grad,) = torch.autograd.grad(F.cross_entropy(model(xg), y, reduction="sum"), xg)
-    return grad
+        ratios = [call / reference for call, reference in zip(self.calls, self.references)]
+        return ratios[self.warmup:] or ratios  # a disabled benchmark (no --benchmark-enable) runs once, no warm-up
 
 
 def rounds_for(batch: int, gradients_per_example: float) -> int:
@@ -109,9 +104,9 @@ def rounds_for(batch: int, gradients_per_example: float) -> int:
 # Where the floor's forward + backward is taken. Its cost depends on the input, not just its shape: the floor of
 # every ratio is the clean digits, as defined; the others show what a gradient costs at the points attacks visit.
 FLOOR_INPUTS = {
-    "clean": lambda x, generator: x,
-    "linf-ball": lambda x, generator: (x + (torch.rand(x.shape, generator=generator) * 2 - 1) * EPS[Norm.LINF]).clamp(0, 1),
-    "gaussian": lambda x, generator: x + 0.1 * torch.randn(x.shape, generator=generator),  # S-O's sigma
+    "clean": lambda x, rng: x,
+    "linf-ball": lambda x, rng: random_start(x, EPS[Norm.LINF], Norm.LINF, rng),
+    "gaussian": lambda x, rng: x + 0.1 * rng.randn(*x.shape[1:]),  # S-O's default sigma
 }
 
 
@@ -120,19 +115,18 @@ FLOOR_INPUTS = {
 def test_floor(benchmark, cost_model, mnist, batch, inputs):
     """One forward + backward (input gradient) of the batch: the unit every gradient attack pays per step; at the
     clean digits (the floor), a random point of the Linf ball (PGD's start) and x + N(0, 0.1^2) (S-O's draws)."""
-    x = FLOOR_INPUTS[inputs](mnist.x_test[:batch], torch.Generator().manual_seed(0))
-    y = mnist.y_test[:batch]
+    clean, y = mnist.x_test[:batch], mnist.y_test[:batch]
+    x = FLOOR_INPUTS[inputs](clean, ExampleRandomness(0, range(batch)))
     benchmark.group = f"floor batch={batch}"
     benchmark.extra_info.update({"attack": "floor", "batch": batch, "library": "-", "family": "floor", "inputs": inputs})
     rounds = 20 if batch < 256 else 10
     if inputs == "clean":
-        benchmark.pedantic(lambda: forward_backward(cost_model, x, y), rounds=rounds, iterations=1, warmup_rounds=2)
+        benchmark.pedantic(lambda: cross_entropy_gradient(cost_model, x, y), rounds=rounds, iterations=1, warmup_rounds=2)
         return
     # Against the clean digits timed right before each round: the columns' medians alone carry the drift.
-    clean = mnist.x_test[:batch]
-    pairs = Paired(lambda: forward_backward(cost_model, x, y), lambda: forward_backward(cost_model, clean, y),
-                   warmup_rounds=2).run(benchmark, rounds)
-    benchmark.extra_info["clean_ratio"] = statistics.median(at_inputs / at_clean for at_inputs, at_clean in pairs)
+    ratios = Paired(lambda: cross_entropy_gradient(cost_model, x, y),
+                    lambda: cross_entropy_gradient(cost_model, clean, y), warmup_rounds=2).run(benchmark, rounds)
+    benchmark.extra_info["clean_ratio"] = statistics.median(ratios)
 
 
 @pytest.mark.parametrize("batch", BATCHES)
@@ -164,11 +158,10 @@ def test_attack_cost(benchmark, cost_model, mnist, name, batch):
 
     def floor_sample():
         for _ in range(sample):
-            forward_backward(cost_model, x, y)
+            cross_entropy_gradient(cost_model, x, y)
 
-    pairs = Paired(call, floor_sample).run(benchmark, rounds)
-    benchmark.extra_info["floor_ratio"] = statistics.median(
-        attack_time / (floor_time * gradients / sample) for attack_time, floor_time in pairs)
+    ratios = Paired(call, floor_sample).run(benchmark, rounds)
+    benchmark.extra_info["floor_ratio"] = statistics.median(ratios) * sample / gradients
 
 
 def _bare_torchattacks(build):
@@ -222,5 +215,5 @@ def test_bare_library_call(benchmark, cost_model, mnist, name, batch):
     def through_adapter():
         return adapter(cost_model, x, y, eps=0.3, generator=torch.Generator().manual_seed(0))
 
-    pairs = Paired(lambda: call(cost_model, x, y, 0.3), through_adapter).run(benchmark, rounds_for(batch, gradients))
-    benchmark.extra_info["adapter_ratio"] = statistics.median(adapter_time / bare for bare, adapter_time in pairs)
+    ratios = Paired(lambda: call(cost_model, x, y, 0.3), through_adapter).run(benchmark, rounds_for(batch, gradients))
+    benchmark.extra_info["adapter_ratio"] = statistics.median(1 / ratio for ratio in ratios)  # adapter / bare
