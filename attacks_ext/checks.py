@@ -20,29 +20,32 @@ from torch import nn
 
 from attacks_ext.base import check_eps
 from attacks_ext.label_leak import probe_perturbation_labels, probe_robust_features
-from attacks_ext.pgd import ProjectedGradientDescent, project
+from attacks_ext.pgd import ProjectedGradientDescent
 from attacks_ext.second_order import SecondOrderAttack
 from harness.figures import pyplot, save_figure
-from harness.registry import ATTACKS, CHECKS
+from harness.registry import CHECKS
 from harness.store import CellRecord
 from harness.threat import Norm
 
 
 class Status(enum.IntEnum):
-    """Ordered so that the worst of several verdicts is their max."""
+    """Ordered so that the worst of several verdicts is their max. NOT_APPLICABLE: the check has nothing to judge
+    on this benchmark (e.g. a one-eps grid for monotone-eps); it never counts towards an overall verdict."""
 
+    NOT_APPLICABLE = -1
     PASS = 0
     WARN = 1
     FAIL = 2
 
     @property
     def label(self) -> str:
-        return self.name.lower()
+        return "n/a" if self is Status.NOT_APPLICABLE else self.name.lower()
 
 
 @dataclass(frozen=True)
 class Verdict:
-    """One check on one defense. `status` is None when its evidence is not in the store yet."""
+    """One check on one defense. `status` is None when its evidence is not in the store yet (missing, which is
+    not the same as not applicable)."""
 
     check: str
     status: Status | None
@@ -64,6 +67,9 @@ class AttackRequest:
     source: str | None = None  # a defense of the benchmark to craft on (a transfer attack); None: the target itself
     after: tuple[str, ...] = ()  # names of this check's earlier requests: attack only the examples they all left
     #                              robust (the stored vector is then cumulative); (): every example
+    survivors_of: str | None = None  # "white-box": attack only what the matrix's white-box columns at (norm, eps)
+    #                                  left robust; "matrix": what every column left (the worst case's survivors)
+    sample: int | None = None  # attack at most this many of those survivors (the first ones); None: all
 
 
 @dataclass(frozen=True)
@@ -165,6 +171,10 @@ class Check:
     def requests(self, context: Context) -> tuple[AttackRequest | ProbeRequest, ...]:
         return ()
 
+    def requests_for(self, context: Context, defense: str) -> tuple[AttackRequest | ProbeRequest, ...]:
+        """The requests for one defense's row; every row asks for the same unless a check says otherwise."""
+        return self.requests(context)
+
     def evaluate(self, evidence: Evidence) -> Verdict:
         raise NotImplementedError
 
@@ -177,10 +187,6 @@ class Check:
 
     def _verdict(self, status: Status, figure: str, reason: str, **details) -> Verdict:
         return Verdict(self.id, status, figure, reason, details)
-
-
-def _attack_norm(attack_id: str, options: dict) -> Norm:
-    return ATTACKS.get(attack_id)(**options).norm
 
 
 def _default_eps(context: Context, norm: Norm, eps: float | None) -> float:
@@ -224,238 +230,6 @@ def _line_styles(count: int):
     return [(colors[i % len(colors)], ("-", "--", ":")[i // len(colors) % 3]) for i in range(count)]
 
 
-# --- checks on extra attack cells ---------------------------------------------------------------------
-
-@CHECKS.register("unbounded-eps")
-class UnboundedEps(Check):
-    """Unbounded eps (Carlini et al. 2019; Shafahi et al. Table 9): as eps grows towards the whole input range
-    with more steps, accuracy must fall to about 0; if it does not, gradients are masked or the attack is broken."""
-
-    id, title = "unbounded-eps", "Unbounded eps"
-
-    def __init__(self, *, eps: list | tuple = (0.5, 1.0), steps: int = 100, examples: int = 100,
-                 attack: str = "pgd-linf", warn_above: float = 1.0, fail_above: float = 5.0):
-        self.attack, self.steps, self.examples = attack, _count(steps, "steps"), _count(examples, "examples")
-        self.norm = _attack_norm(attack, {"steps": self.steps})
-        if not isinstance(eps, (list, tuple)) or not eps:
-            raise ValueError(f"eps must be a non-empty list, got {eps!r}")
-        self.eps = tuple(sorted(float(check_eps(e, self.norm)) for e in eps))
-        self.warn, self.fail = _thresholds(warn_above, fail_above, "% accuracy")
-
-    def requests(self, context):
-        return tuple(AttackRequest(f"eps={e:g}", self.attack, (("steps", self.steps),), e, self.examples)
-                     for e in self.eps)
-
-    def evaluate(self, evidence):
-        records = [evidence.requested.get(f"eps={e:g}") for e in self.eps]
-        if any(r is None for r in records):
-            return _missing(self.id, "unbounded-eps cells")
-        accs = [r.robust_accuracy for r in records]
-        top, eps = accs[-1], self.eps[-1]
-        status = _grade(top, self.warn, self.fail)
-        figure = f"{top:.1f}% at {self.norm.symbol} eps {eps:g} ({self.attack}, {self.steps} steps)"
-        if status is Status.PASS:
-            reason = "accuracy falls to ~0 once the budget allows any image: the attack works"
-        else:
-            reason = (f"{top:.1f}% of images survive an eps that admits any image: the attack cannot follow the "
-                      "gradient (gradient masking) or is broken; robust accuracies of this row are not trustworthy")
-        return self._verdict(status, figure, reason, **{f"{self.norm.symbol} {e:g}": a for e, a in zip(self.eps, accs)})
-
-    def plot(self, evidences, path):
-        plt = pyplot()
-        fig, axis = plt.subplots(figsize=(6.5, 4.0))
-        drawn = False
-        for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
-            verdict = self.evaluate(evidence)
-            if verdict.status is None or evidence.clean is None:
-                continue
-            points = [(0.0, 100 * float(evidence.clean.clean_correct[: self.examples].mean()))]
-            points += [(e, verdict.details[f"{self.norm.symbol} {e:g}"]) for e in self.eps]
-            axis.plot(*zip(*points), marker="o", color=color, linestyle=style, label=name)
-            drawn = True
-        axis.set_ylim(-2, 102)
-        return _finish(fig, axis, path, xlabel=f"eps ({self.norm.symbol})", ylabel=f"accuracy under {self.attack}-{self.steps} (%)",
-                       title="unbounded eps: accuracy must reach ~0", drawn=drawn)
-
-
-class _Sweep(Check):
-    """Shared by the restart and step sweeps: one curve per defense, warn while the last doubling still helps."""
-
-    x_label = ""
-
-    def _curve(self, evidence) -> list[tuple[int, float]] | None:
-        raise NotImplementedError
-
-    def evaluate(self, evidence):
-        curve = self._curve(evidence)
-        if curve is None:
-            return _missing(self.id, "sweep cells")
-        (first_x, first), (half_x, half), (last_x, last) = curve[0], curve[-2] if len(curve) > 1 else curve[0], curve[-1]
-        drop = half - last
-        status = Status.WARN if _above(drop, self.warn_drop) else Status.PASS
-        figure = f"{first:.1f}% at {first_x} → {half:.1f}% at {half_x} → {last:.1f}% at {last_x} {self.x_label}"
-        if status is Status.PASS:
-            reason = f"going from {half_x} to {last_x} {self.x_label} changes accuracy by {drop:.1f} points (≤ {self.warn_drop:g}): converged"
-        else:
-            reason = (f"going from {half_x} to {last_x} {self.x_label} still lowers accuracy by {drop:.1f} points "
-                      f"(> {self.warn_drop:g}): the attack has not converged; the board's numbers overstate robustness")
-        return self._verdict(status, figure, reason, **{f"{x} {self.x_label}": a for x, a in curve})
-
-    def plot(self, evidences, path):
-        plt = pyplot()
-        fig, axis = plt.subplots(figsize=(6.5, 4.0))
-        drawn, eps = False, math.nan
-        for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
-            eps = _default_eps(evidence.context, self.norm, self.eps_option)
-            curve = self._curve(evidence)
-            if curve:
-                axis.plot(*zip(*curve), marker="o", color=color, linestyle=style, label=name)
-                drawn = True
-        axis.set_xscale("log", base=2)
-        axis.set_ylim(-2, 102)
-        return _finish(fig, axis, path, xlabel=self.x_label, ylabel="robust accuracy (%)", drawn=drawn,
-                       title=f"{self.title}: {self.attack} at {self.norm.symbol} eps {eps:g}")
-
-
-@CHECKS.register("restart-sweep")
-class RestartSweep(_Sweep):
-    """Random-restart sweep (Shafahi et al. Table 10): an example counts as robust only if it survives every
-    restart so far; warn when the last doubling of restarts still lowers accuracy by more than `warn_drop` points."""
-
-    id, title, x_label = "restart-sweep", "Random-restart sweep", "restarts"
-
-    def __init__(self, *, restarts: int = 4, steps: int = 40, eps: float | None = None, examples: int = 100,
-                 attack: str = "pgd-linf", warn_drop: float = 1.0):
-        self.restarts, self.steps = _count(restarts, "restarts", 2), _count(steps, "steps")
-        self.examples, self.attack, self.eps_option = _count(examples, "examples"), attack, eps
-        self.norm = _attack_norm(attack, {"steps": self.steps})
-        self.warn_drop = _number(warn_drop, "warn_drop (points)")
-
-    def requests(self, context):
-        eps = _default_eps(context, self.norm, self.eps_option)
-        # Only the examples every earlier restart left robust matter to the curve, so each restart attacks those.
-        return tuple(AttackRequest(f"restart {r + 1}", self.attack, (("steps", self.steps),), eps, self.examples, restart=r,
-                                   after=(f"restart {r}",) if r else ())
-                     for r in range(self.restarts))
-
-    def _curve(self, evidence):
-        records = [evidence.requested.get(f"restart {r + 1}") for r in range(self.restarts)]
-        if any(r is None for r in records):
-            return None
-        survived = np.logical_and.accumulate([r.robust_correct for r in records])
-        points = sorted({1, *(2 ** i for i in range(1, self.restarts.bit_length())), self.restarts})
-        return [(n, 100 * float(survived[n - 1].mean())) for n in points if n <= self.restarts]
-
-
-@CHECKS.register("step-sweep")
-class StepSweep(_Sweep):
-    """Step-count sweep (Shafahi et al. Table 11): PGD with more and more steps (step size 2.5 eps / steps);
-    warn when the last doubling still lowers accuracy by more than `warn_drop` points."""
-
-    id, title, x_label = "step-sweep", "Step-count sweep", "steps"
-
-    def __init__(self, *, steps: list | tuple = (10, 20, 40, 80), eps: float | None = None, examples: int = 100,
-                 attack: str = "pgd-linf", warn_drop: float = 1.0):
-        if not isinstance(steps, (list, tuple)) or len(steps) < 2:
-            raise ValueError(f"steps must list at least two step counts, got {steps!r}")
-        self.steps = tuple(sorted(_count(s, "steps") for s in steps))
-        self.examples, self.attack, self.eps_option = _count(examples, "examples"), attack, eps
-        self.norm = _attack_norm(attack, {"steps": self.steps[0]})
-        self.warn_drop = _number(warn_drop, "warn_drop (points)")
-
-    def requests(self, context):
-        eps = _default_eps(context, self.norm, self.eps_option)
-        return tuple(AttackRequest(f"steps {s}", self.attack, (("steps", s),), eps, self.examples) for s in self.steps)
-
-    def _curve(self, evidence):
-        records = [evidence.requested.get(f"steps {s}") for s in self.steps]
-        if any(r is None for r in records):
-            return None
-        return [(s, r.robust_accuracy) for s, r in zip(self.steps, records)]
-
-
-class _BeatsWhiteBox(Check):
-    """Shared by the gradient-free and transfer checks: a weaker attack must not break examples that every
-    white-box column of the matrix left standing at the same eps."""
-
-    kind = ""  # how the weaker attack is described in figures and reasons
-
-    def _compare(self, evidence, record: CellRecord | None, label: str) -> Verdict:
-        eps = _default_eps(evidence.context, self.norm, self.eps_option)
-        white = evidence.white_box(self.norm, eps)
-        if record is None:
-            return _missing(self.id, f"{label} cell")
-        if not white:
-            return Verdict(self.id, None, "", f"no complete white-box columns at {self.norm.symbol} {eps:g} to compare with")
-        n = len(record.robust_correct)
-        survived_white = np.logical_and.reduce([r.robust_correct[:n] for _, r in white])
-        only_weaker = 100 * float((survived_white & ~record.robust_correct).mean())
-        status = _grade(only_weaker, self.warn, self.fail)
-        figure = (f"{label} {record.robust_accuracy:.1f}% vs white-box {100 * survived_white.mean():.1f}% at "
-                  f"{self.norm.symbol} {eps:g}; {only_weaker:.1f}% of examples broken only by {label}")
-        reason = (f"the {self.kind} attack finds nothing the white-box attacks missed" if only_weaker == 0 else
-                  f"{only_weaker:.1f}% of examples fall only to the {self.kind} attack"
-                  + (" (within tolerance)" if status is Status.PASS else
-                     ": white-box gradients are masked or the white-box attacks are too weak"))
-        return self._verdict(status, figure, reason, **{self.kind.capitalize(): record.robust_accuracy,
-                                                         "White-box": 100 * float(survived_white.mean()),
-                                                         f"Only {self.kind}": only_weaker})
-
-
-@CHECKS.register("gradient-free")
-class GradientFreeVsWhiteBox(_BeatsWhiteBox):
-    """A gradient-free attack (Square) must not beat the white-box ones (Carlini et al. 2019): examples that only
-    the gradient-free attack breaks mean the white-box gradients are masked."""
-
-    id, title, kind = "gradient-free", "Gradient-free vs white-box", "gradient-free"
-
-    def __init__(self, *, attack: str = "ta-square", queries: int = 1000, eps: float | None = None,
-                 examples: int = 100, warn_share: float = 2.0, fail_share: float = 10.0):
-        self.attack, self.queries, self.examples = attack, _count(queries, "queries"), _count(examples, "examples")
-        built = ATTACKS.get(attack)()  # family and norm do not depend on the query budget
-        if built.family != "gradient-free":
-            raise ValueError(f"attack {attack!r} is {built.family}, not gradient-free, which this check needs")
-        self.norm, self.eps_option = built.norm, eps
-        self.warn, self.fail = _thresholds(warn_share, fail_share, "% of examples")
-
-    def requests(self, context):
-        eps = _default_eps(context, self.norm, self.eps_option)
-        return (AttackRequest("gradient-free", self.attack, (("queries", self.queries),), eps, self.examples),)
-
-    def evaluate(self, evidence):
-        return self._compare(evidence, evidence.requested.get("gradient-free"), self.attack)
-
-
-@CHECKS.register("transfer")
-class TransferVsWhiteBox(_BeatsWhiteBox):
-    """A transfer attack (Shafahi et al.'s black-box setting: PGD crafted on a separate source model) must not
-    beat the white-box ones: examples that only the transferred examples break mean the target's own
-    gradients are masked."""
-
-    id, title, kind = "transfer", "Transfer vs white-box", "transfer"
-
-    def __init__(self, *, source: str = "natural", attack: str = "pgd-linf", steps: int = 7, eps: float | None = None,
-                 examples: int = 100, warn_share: float = 2.0, fail_share: float = 10.0):
-        if not isinstance(source, str) or not source:
-            raise ValueError(f"source must name a defense of the benchmark, got {source!r}")
-        self.source, self.attack, self.steps = source, attack, _count(steps, "steps")
-        self.examples, self.eps_option = _count(examples, "examples"), eps
-        built = ATTACKS.get(attack)(steps=self.steps)
-        if built.family not in ("one-step", "iterative"):
-            raise ValueError(f"attack {attack!r} is {built.family}; a transfer attack needs the source's gradients")
-        self.norm = built.norm
-        self.warn, self.fail = _thresholds(warn_share, fail_share, "% of examples")
-
-    def requests(self, context):
-        if context.defenses and self.source not in context.defenses:
-            raise ValueError(f"source {self.source!r} is not a defense of this benchmark; defenses: {', '.join(context.defenses)}")
-        eps = _default_eps(context, self.norm, self.eps_option)
-        return (AttackRequest("transfer", self.attack, (("steps", self.steps),), eps, self.examples, source=self.source),)
-
-    def evaluate(self, evidence):
-        return self._compare(evidence, evidence.requested.get("transfer"), f"{self.attack}-{self.steps} from {self.source}")
-
-
 # --- checks on the matrix's own cells --------------------------------------------------------------------
 
 @CHECKS.register("monotone-eps")
@@ -470,17 +244,18 @@ class MonotoneInEps(Check):
 
     def evaluate(self, evidence):
         rise, where, compared = -math.inf, "", 0
-        for column in evidence.columns.values():
+        columns = [column for column in evidence.columns.values() if len(column.eps) >= 2]
+        if not columns:
+            return Verdict(self.id, Status.NOT_APPLICABLE, "", "no attack column runs at two or more eps")
+        for column in columns:
             records = [evidence.matrix.get((column.label, e)) for e in column.eps]
-            if len(records) < 2 or any(r is None for r in records):
-                continue
+            if any(r is None for r in records):
+                return _missing(self.id, f"{column.label} cells")
             compared += 1
             accs = [r.robust_accuracy for r in records]
             for e0, a0, e1, a1 in zip(column.eps, accs, column.eps[1:], accs[1:]):
                 if a1 - a0 > rise:
                     rise, where = a1 - a0, f"{column.label} {e0:g} → {e1:g}: {a0:.1f}% → {a1:.1f}%"
-        if not compared:
-            return Verdict(self.id, None, "", "no complete attack column with two or more eps in the store")
         worst = max(0.0, rise)
         status = _grade(worst, self.warn, self.fail)
         figure = f"largest rise {worst:.1f} points" + (f" ({where})" if worst > 0 else "")
@@ -495,8 +270,8 @@ class MonotoneInEps(Check):
 class IterativeBeatsOneStep(Check):
     """Iterative attacks must be at least as strong as one-step ones at the same eps (Carlini et al. 2019);
     a one-step attack that wins means the iterative attack's gradients lead it astray. In a cascade the
-    matrix's columns are cumulative, so the check runs its own standalone copies of the one-step and
-    iterative columns on the first `examples` images."""
+    matrix's columns are cumulative, so the check runs its own standalone copies of the one-step columns and of
+    the first iterative column at each eps (the baseline every later one adds to) on the first `examples` images."""
 
     id, title = "iterative-beats-one-step", "Iterative beats one-step"
     FAMILIES = ("one-step", "iterative")
@@ -505,11 +280,24 @@ class IterativeBeatsOneStep(Check):
         self.warn, self.fail = _thresholds(warn_margin, fail_margin, "points")
         self.examples = _count(examples, "examples")
 
+    @classmethod
+    def compared_columns(cls, context) -> dict[tuple[Norm, float], list[Column]]:
+        """Per (norm, eps) with both families: its one-step columns and its first iterative column."""
+        points: dict[tuple[Norm, float], list[Column]] = {}
+        for column in context.columns:
+            for eps in column.eps:
+                chosen = points.setdefault((column.norm, eps), [])
+                first_iterative = column.family == "iterative" and not any(c.family == "iterative" for c in chosen)
+                if column.family == "one-step" or first_iterative:
+                    chosen.append(column)
+        return {point: columns for point, columns in points.items()
+                if {c.family for c in columns} == set(cls.FAMILIES)}
+
     def requests(self, context):
         if not context.cascade:
             return ()
-        return tuple(AttackRequest(f"{c.label} @ {e:g}", c.attack_id, c.options, e, self.examples)
-                     for c in context.columns if c.family in self.FAMILIES for e in c.eps)
+        return tuple(AttackRequest(f"{c.label} @ {eps:g}", c.attack_id, c.options, eps, self.examples)
+                     for (_, eps), columns in self.compared_columns(context).items() for c in columns)
 
     def evaluate(self, evidence):
         def record_of(column, eps):
@@ -517,26 +305,24 @@ class IterativeBeatsOneStep(Check):
                 return evidence.requested.get(f"{column.label} @ {eps:g}")
             return evidence.matrix.get((column.label, eps))
 
-        worst, where, compared = -math.inf, "", 0
-        points = sorted({(c.norm, e) for c in evidence.columns.values() for e in c.eps}, key=lambda p: (p[0].value, p[1]))
-        for norm, eps in points:
+        compared = self.compared_columns(evidence.context)
+        if not compared:
+            return Verdict(self.id, Status.NOT_APPLICABLE, "", "no eps has both a one-step and an iterative column")
+        worst, where = -math.inf, ""
+        for (norm, eps), columns in sorted(compared.items(), key=lambda item: (item[0][0].value, item[0][1])):
             by_family = {}
-            for column in evidence.columns.values():
-                record = record_of(column, eps) if column.norm is norm and eps in column.eps else None
-                if record is not None and column.family in self.FAMILIES:
-                    by_family.setdefault(column.family, []).append((record.robust_accuracy, column.label))
-            if len(by_family) < 2:
-                continue
-            compared += 1
+            for column in columns:
+                record = record_of(column, eps)
+                if record is None:
+                    return _missing(self.id, f"{column.label} @ {eps:g}")
+                by_family.setdefault(column.family, []).append((record.robust_accuracy, column.label))
             one, iterative = min(by_family["one-step"]), min(by_family["iterative"])
             if iterative[0] - one[0] > worst:
                 worst = iterative[0] - one[0]
                 where = f"{iterative[1]} {iterative[0]:.1f}% vs {one[1]} {one[0]:.1f}% at {norm.symbol} {eps:g}"
-        if not compared:
-            return Verdict(self.id, None, "", "no eps with both a one-step and an iterative column in the store")
         status = _grade(worst, self.warn, self.fail)
-        reason = ("the strongest iterative attack beats the strongest one-step attack at every eps" if worst <= 0 else
-                  f"a one-step attack beats every iterative one by {worst:.1f} points"
+        reason = ("the first iterative attack beats the strongest one-step attack at every eps" if worst <= 0 else
+                  f"a one-step attack beats the first iterative one by {worst:.1f} points"
                   + (" (within tolerance)" if status is Status.PASS else ": the iterative attacks' gradients are masked"))
         return self._verdict(status, f"closest: {where}", reason, **{"Iterative − one-step (points)": worst})
 
@@ -744,7 +530,10 @@ class LinearizedRobustness(Check):
             return _missing(self.id, "linearization probe")
         rows = [r for r in self.comparison(evidence) if r[3] is not None]
         if not rows:
-            return Verdict(self.id, None, "", "no complete matrix column to compare the prediction with")
+            has_columns = any(c.norm in evidence.context.grid for c in evidence.columns.values())
+            if has_columns:
+                return _missing(self.id, "the matrix's cells")
+            return Verdict(self.id, Status.NOT_APPLICABLE, "", "no matrix column to compare the prediction with")
         norm, eps, predicted, empirical = max(rows, key=lambda r: r[3] - r[2])
         excess = empirical - predicted
         status = Status.WARN if _above(excess, self.warn_excess) else Status.PASS

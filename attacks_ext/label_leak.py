@@ -26,7 +26,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attacks_ext.base import ExampleRandomness
+from attacks_ext.base import ExampleRandomness, seed_from
 from attacks_ext.pgd import ascend, cross_entropy_gradient
 from harness.threat import Norm
 
@@ -99,7 +99,7 @@ def probe_perturbation_labels(model, x, y, *, generator, folds: int = 5) -> dict
     with torch.no_grad():
         logits = model(x)
     classes = logits.shape[1]
-    offset = torch.randint(1, classes, (len(y),), generator=generator).to(y.device)
+    offset = ExampleRandomness(seed_from(generator), range(len(y))).randint(1, classes).to(y.device)  # per example
     built_from = {"true": y, "predicted": logits.argmax(1), "least-likely": logits.argmin(1), "random": (y + offset) % classes}
     order = torch.randperm(len(y), generator=generator)
     fold_of = torch.empty(len(y), dtype=torch.long)
@@ -133,8 +133,9 @@ def perturbation_probe_rows(measurements: dict) -> list[dict]:
 # --- robust-feature leakage (Ilyas et al.'s D_rand / D_det, Goh's lower bound) -------------------------------
 
 def relabelled_targets(y: torch.Tensor, classes: int, generator: torch.Generator) -> dict[str, torch.Tensor]:
-    """Ilyas et al.'s new labels: D_rand a uniformly random other class, D_det the next class, (y + 1) mod C."""
-    offset = torch.randint(1, classes, (len(y),), generator=generator).to(y.device)
+    """Ilyas et al.'s new labels: D_rand a uniformly random other class (example i's from its own stream), D_det
+    the next class, (y + 1) mod C."""
+    offset = ExampleRandomness(seed_from(generator), range(len(y))).randint(1, classes).to(y.device)
     return {"rand": (y + offset) % classes, "det": (y + 1) % classes}
 
 

@@ -21,7 +21,7 @@ import math
 from dataclasses import dataclass, field
 
 from harness.models import ACTIVATIONS
-from harness.registry import ATTACKS, DEFENSES, MODELS
+from harness.registry import ATTACKS, DEFENSES, MODELS, check_keywords
 from harness.threat import Norm
 
 OPTIMIZERS = ("adam", "sgd")
@@ -112,7 +112,12 @@ class Recipe:
             self._fail(f"eps_sigma must be > 0 (or absent for a fixed eps), got {self.eps_sigma!r}")
         # Only our own attacks take per-example eps, which is also why library adapters are not training code.
         if self.adversary is not None:
-            attack = ATTACKS.get(self.adversary)(**dict(self.adversary_options))
+            factory = ATTACKS.get(self.adversary)
+            try:
+                check_keywords(factory, dict(self.adversary_options), f"adversary {self.adversary!r}")
+            except ValueError as error:
+                self._fail(f"adversary_options: {error}")
+            attack = factory(**dict(self.adversary_options))
             if not attack.per_example_eps:
                 self._fail(f"adversary {self.adversary!r} takes one eps per batch; training needs one of our own "
                            "attacks (per-example eps)")

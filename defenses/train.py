@@ -6,6 +6,7 @@ and retrained, never used.
 """
 from __future__ import annotations
 
+import ast
 import dataclasses
 import hashlib
 import json
@@ -27,27 +28,59 @@ from harness.data import Dataset
 from harness.models import build_model, correct_predictions
 from attacks_ext.pgd import project
 from defenses.recipes import Recipe
-from harness.registry import ATTACKS
+from harness.registry import ATTACKS, MODELS
 from harness.threat import Norm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# Source that decides what a recipe trains into; editing any of it invalidates the cached checkpoints.
-TRAINING_CODE = ("defenses", "attacks_ext", "harness/models.py", "harness/data.py", "harness/counting.py")
-# Modules there that only score stored results or measure finished models; they never shape a trained one.
-NOT_TRAINING_CODE = ("attacks_ext/checks.py", "attacks_ext/label_leak.py", "attacks_ext/adapters.py")
+OUR_PACKAGES = ("harness", "defenses", "attacks_ext")
+# The modules every recipe's training runs through; a recipe adds its model's and its adversaries' modules.
+TRAINING_ROOTS = ("defenses.train", "defenses.recipes", "harness.models", "harness.data", "harness.counting")
 
 
-def training_code_version() -> str:
+def _module_file(module: str) -> Path | None:
+    """The source file of one of our modules (a package's __init__ only registers entries: never followed)."""
+    if module.split(".")[0] not in OUR_PACKAGES:
+        return None
+    path = REPO_ROOT.joinpath(*module.split("."))
+    return path.with_suffix(".py") if path.with_suffix(".py").is_file() else None
+
+
+def _imported_modules(file: Path) -> set[str]:
+    """Our modules that `file` imports (at top level or inside functions)."""
+    found = set()
+    for node in ast.walk(ast.parse(file.read_text(), filename=str(file))):
+        if isinstance(node, ast.Import):
+            found.update(alias.name for alias in node.names)
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add(node.module)
+            found.update(f"{node.module}.{alias.name}" for alias in node.names)  # `from package import module`
+    return {name for name in found if name.split(".")[0] in OUR_PACKAGES}
+
+
+def training_code_version(roots: tuple[str, ...] = ()) -> str:
+    """A hash of the source that decides what a recipe trains into: the training modules, `roots` (the modules
+    of its model and adversaries) and every module of ours they import, transitively. Adding an attack, a
+    check or a report module changes nothing here, so no cached checkpoint is lost to it."""
+    seen: dict[str, Path] = {}
+    todo = list(TRAINING_ROOTS + tuple(roots))
+    while todo:
+        module = todo.pop()
+        file = _module_file(module)
+        if module in seen or file is None:
+            continue
+        seen[module] = file
+        todo.extend(_imported_modules(file))
     digest = hashlib.sha256()
-    for entry in TRAINING_CODE:
-        path = REPO_ROOT / entry
-        files = sorted(path.rglob("*.py")) if path.is_dir() else [path]
-        for file in files:
-            if file.relative_to(REPO_ROOT).as_posix() in NOT_TRAINING_CODE:
-                continue
-            digest.update(str(file.relative_to(REPO_ROOT)).encode())
-            digest.update(file.read_bytes())
+    for module, file in sorted(seen.items()):
+        digest.update(module.encode())
+        digest.update(file.read_bytes())
     return digest.hexdigest()[:16]
+
+
+def recipe_code_roots(recipe: Recipe) -> tuple[str, ...]:
+    """The modules that define the recipe's model and adversaries (registered factories)."""
+    factories = [MODELS.get(recipe.model)] + [ATTACKS.get(a) for a in (recipe.adversary, recipe.mixed_adversary) if a]
+    return tuple(sorted({factory.__module__ for factory in factories}))
 
 
 @dataclass
@@ -271,7 +304,7 @@ class Checkpoint:
 def checkpoint_key(recipe: Recipe, data: Dataset, seed: int, source_keys: tuple[str, ...] = ()) -> str:
     """Hash of everything that decides the trained weights; `source_keys` are the ensemble sources' keys."""
     payload = {"recipe": recipe.as_dict(), "dataset": [data.name, data.fingerprint], "seed": seed,
-               "code": training_code_version(), "sources": list(source_keys)}
+               "code": training_code_version(recipe_code_roots(recipe)), "sources": list(source_keys)}
     return hashlib.sha256(json.dumps(payload, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 

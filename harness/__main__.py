@@ -32,6 +32,9 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--out", type=Path, default=REPO_ROOT / "leaderboards", help="leaderboard folder")
         command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
         command.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name == "run":
+            command.add_argument("--start-over", action="store_true",
+                                 help="replace a results file that holds no store (emptied or foreign) with a new one")
         if name == "check":
             command.add_argument("--tolerance", type=float, default=1.0, help="allowed drift in percentage points")
     listing = sub.add_parser("list", help="list registered entries", description="list registered entries")
@@ -42,12 +45,19 @@ def _parser() -> argparse.ArgumentParser:
     cost.add_argument("--out", type=Path, default=REPO_ROOT / "leaderboards", help="leaderboard folder")
     cost.add_argument("--strength", type=Path, default=STRENGTH_JSON,
                       help="strength-per-cost JSON to include when it exists (default .benchmarks/strength-per-cost.json)")
-    text = "run a benchmark's worst-case cascade and AutoAttack side by side on one defense; write their cost as JSON"
+    text = "convert a .pt/.pth state dict to safetensors (read with torch.load(weights_only=True), never unpickled)"
+    convert = sub.add_parser("convert-weights", help=text, description=text)
+    convert.add_argument("source", type=Path, help="the .pt / .pth file")
+    convert.add_argument("target", type=Path, help="the .safetensors file to write")
+    convert.add_argument("--factory", help="package.module:function that builds the model: check every key and shape")
+    convert.add_argument("--options", default="{}", help="the factory's keyword arguments as JSON (default {})")
+    text = ("run a benchmark's worst-case cascade and AutoAttack side by side on defenses and threat models; "
+            "write their strength and cost as JSON")
     strength = sub.add_parser("strength-per-cost", help=text, description=text)
     strength.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"benchmark TOML (default {DEFAULT_SPEC})")
-    strength.add_argument("--defense", default="pgd-at", help="a defense of the benchmark (default pgd-at)")
-    strength.add_argument("--norm", default="linf", help="linf or l2 (default linf)")
-    strength.add_argument("--eps", type=float, default=0.3, help="an eps of the benchmark's grid (default 0.3)")
+    strength.add_argument("--case", action="append", default=None, metavar="DEFENSE:NORM:EPS",
+                          help="a comparison, repeatable (default: pgd-at, trades, ls-gn, fgsm-at-full at linf 0.3; "
+                               "pgd-at, pgd-at-l2 at l2 2)")
     strength.add_argument("--json", type=Path, default=STRENGTH_JSON, help="where to write the result")
     strength.add_argument("--home", type=Path, default=None, help="checkpoint cache folder's parent (default $HARNESS_HOME or ./.harness)")
     strength.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
@@ -61,12 +71,21 @@ def _strength(args) -> int:
     from harness.threat import Norm
 
     spec = spec_module.load(args.spec)
-    result = strength.compare(spec, defense=args.defense, norm=Norm.parse(args.norm), eps=args.eps,
-                              cache_dir=(args.home or default_home()) / "checkpoints",
-                              device=resolve_device(args.device), progress=not args.no_progress)
-    for row in result["rows"]:
-        print(f"harness: {row['label']}: {row['robust']:.1f}% robust, "
-              f"{row['forward_evals'] + row['gradient_evals']} model evaluations, {row['seconds']:.1f} s")
+    cases = strength.CASES
+    if args.case:
+        cases = []
+        for case in args.case:
+            parts = case.split(":")
+            if len(parts) != 3:
+                raise ValueError(f"--case {case!r}: give DEFENSE:NORM:EPS, e.g. pgd-at:linf:0.3")
+            cases.append((parts[0], Norm.parse(parts[1]), float(parts[2])))
+    result = strength.compare_cases(spec, cases, cache_dir=(args.home or default_home()) / "checkpoints",
+                                    device=resolve_device(args.device), progress=not args.no_progress)
+    for comparison in result["comparisons"]:
+        for row in comparison["rows"]:
+            print(f"harness: {comparison['defense']} {comparison['norm']} {comparison['eps']:g}: {row['label']}: "
+                  f"{row['robust']:.1f}% robust, {row['forward_evals'] + row['gradient_evals']} model evaluations, "
+                  f"{row['seconds']:.1f} s")
     print(f"harness: wrote {strength.write(result, args.json)}")
     return 0
 
@@ -96,7 +115,7 @@ def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]
 
     spec = spec_module.load(args.spec)
     data = load_dataset(spec.dataset, **dict(spec.dataset_options))
-    with ResultStore(home / "results.sqlite") as store:
+    with ResultStore(home / "results.sqlite", lock=compute, start_over=getattr(args, "start_over", False)) as store:
         if compute:
             started = time.perf_counter()
             summary = run(spec, store=store, cache_dir=home / "checkpoints", device=resolve_device(args.device),
@@ -116,10 +135,30 @@ def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]
     return paths
 
 
+def _convert(args) -> int:
+    import json
+
+    from harness.convert import convert_weights
+
+    try:
+        options = json.loads(args.options)
+        if not isinstance(options, dict):
+            raise ValueError(f"--options must be a JSON object, got {args.options!r}")
+        notes = convert_weights(args.source, args.target, factory=args.factory, options=options)
+    except (ValueError, FileNotFoundError) as error:  # json.JSONDecodeError is a ValueError
+        print(f"harness: error: {error}", file=sys.stderr)
+        return 2
+    for note in notes:
+        print(f"harness: {note}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     if args.command == "list":
         return _list(args.what)
+    if args.command == "convert-weights":
+        return _convert(args)
     if args.command == "attack-cost":
         from harness.attack_cost import render
 
@@ -131,6 +170,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"harness: wrote {path}")
         return 0
     from harness.spec import SpecError
+    from harness.store import StoreError
 
     try:
         if args.command == "strength-per-cost":
@@ -161,7 +201,7 @@ def main(argv: list[str] | None = None) -> int:
         names = ", ".join(p.name for p in fresh)
         print(f"harness check: {names} match a from-scratch regeneration within {args.tolerance} points")
         return 0
-    except (SpecError, FileNotFoundError, ValueError, KeyError) as error:
+    except (SpecError, StoreError, FileNotFoundError, ValueError, KeyError) as error:
         print(f"harness: error: {error}", file=sys.stderr)
         return 2
 

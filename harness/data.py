@@ -72,6 +72,9 @@ def load_mnist5k(*, split_seed: int = 0) -> Dataset:
     return Dataset("mnist5k", x_train, y_train, x_test, y_test, num_classes=10)
 
 
+load_mnist5k.input_shape = (1, 28, 28)  # read by the spec loader without loading the data
+
+
 # --- MNIST in its IDX distribution -------------------------------------------------------------------
 
 MNIST_FILES = {
@@ -138,6 +141,9 @@ def load_mnist(*, data_dir: str | None = None) -> Dataset:
     return Dataset("mnist", x_train, y_train, x_test, y_test, num_classes=10)
 
 
+load_mnist.input_shape = (1, 28, 28)  # read by the spec loader without loading the data
+
+
 # --- CIFAR-10 in its binary distribution (never the pickled one) ---------------------------------------
 
 CIFAR10_TRAIN_FILES = [f"data_batch_{i}.bin" for i in range(1, 6)]
@@ -175,6 +181,9 @@ def load_cifar10(*, data_dir: str | None = None) -> Dataset:
     xt, yt = _to_tensors(x_train, y_train)
     xs, ys = _to_tensors(x_test / 255.0, y_test)
     return Dataset("cifar10", xt, yt, xs, ys, num_classes=10)
+
+
+load_cifar10.input_shape = (3, 32, 32)  # read by the spec loader without loading the data
 
 
 def load_dataset(name: str, **options) -> Dataset:

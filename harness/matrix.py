@@ -30,12 +30,12 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from attacks_ext.base import ExampleRandomness
+from attacks_ext.base import ExampleRandomness, isolated_global_rng
 from attacks_ext.checks import BATCHED_PROBES, PROBES, ProbeRequest
 from defenses.train import Checkpoint, checkpoint_key, file_sha256, load_checkpoint_model, obtain_checkpoint
 from harness.counting import EvaluationCounter
 from harness.data import Dataset, load_dataset
-from harness.models import correct_predictions, load_external
+from harness.models import AveragedOverDraws, check_finite_outputs, correct_predictions, is_randomized, load_external
 from harness.registry import ATTACKS
 from harness.spec import AttackSpec, BenchmarkSpec, DefenseSpec
 from harness.store import CellRecord, ResultStore
@@ -130,10 +130,18 @@ def prepare_defense(defense: DefenseSpec, data: Dataset, *, seed: int, cache_dir
         models = {name: (sources[name].key, sources[name].load_model(data, device)) for name in defense.recipe.ensemble_sources}
         checkpoint = obtain_checkpoint(defense.recipe, data, seed=seed, cache_dir=cache_dir, device=device,
                                        progress=progress, sources=models)
-        return PreparedDefense(defense, checkpoint.key, checkpoint.weights, checkpoint.log)
-    prepared = PreparedDefense(defense, external_key(defense), defense.external.weights, {})
-    prepared.load_model(data, device)  # fail now, with the factory's or the file's error, not inside a cell
+        prepared = PreparedDefense(defense, checkpoint.key, checkpoint.weights, checkpoint.log)
+    else:
+        prepared = PreparedDefense(defense, external_key(defense), defense.external.weights, {})
+    validate_model(prepared, data, device)
     return prepared
+
+
+def validate_model(prepared: PreparedDefense, data: Dataset, device: torch.device) -> None:
+    """Load the model and run one forward pass on test images: it must build, load and give finite logits of the
+    data set's shape. Fails now, with the factory's, the file's or the outputs' problem, not inside a cell."""
+    model = prepared.load_model(data, device)
+    check_finite_outputs(model, data.x_test[:64].to(device), prepared.spec.name, num_classes=data.num_classes)
 
 
 def describe_defense(defense: DefenseSpec) -> dict:
@@ -164,6 +172,7 @@ class Cell:
     after: tuple[str, ...] = ()  # cascade: keys of the cells whose survivors this cell attacks; (): every example
     reuses: str | None = None  # a matrix cell of the same attack and seed whose attacked examples' outcomes this
     #                            cell takes over; it attacks only the clean-correct examples that cell skipped
+    sample: int | None = None  # attack at most this many of the examples `after` leaves (the first ones)
 
     @property
     def label(self) -> str:
@@ -182,7 +191,7 @@ class Cell:
 def _cell(spec: BenchmarkSpec, data: Dataset, defense: str, model_key: str, attack: AttackSpec | None, eps: float, *,
           examples: int | None = None, restart: int = 0, probe: ProbeRequest | None = None, check: str | None = None,
           request: str | None = None, source: tuple[str, str] | None = None, after: tuple[str, ...] = (),
-          reuses: str | None = None) -> Cell:
+          reuses: str | None = None, sample: int | None = None) -> Cell:
     """A cell keyed by everything that decides its outcome (and nothing that does not: the check that asked
     for it is not part of its identity, so identical requests share one cell).
 
@@ -199,6 +208,8 @@ def _cell(spec: BenchmarkSpec, data: Dataset, defense: str, model_key: str, atta
     if probe is not None:
         randomness["probe"] = [probe.probe_id, [list(o) for o in probe.options]]
     identity = {**randomness, "data": [data.name, data.fingerprint, spec.eval_examples, spec.batch_size], "model": model_key}
+    if attack is not None:  # used only where the model turns out randomized, but decides the outcome there
+        identity["eot"] = spec.eot_samples
     if examples != spec.eval_examples:
         identity["examples"] = examples
     if source is not None:  # (defense name, model key): the crafting model is part of the identity
@@ -207,13 +218,16 @@ def _cell(spec: BenchmarkSpec, data: Dataset, defense: str, model_key: str, atta
         identity["after"] = list(after)
     if reuses is not None:
         identity["reuses"] = reuses
+    if sample is not None:
+        identity["sample"] = sample
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
     seed = int(hashlib.sha256(json.dumps(randomness, sort_keys=True, default=str).encode()).hexdigest()[:8], 16)
     return Cell(key, defense, model_key, attack, eps, seed, examples, probe, check, request,
-                None if source is None else source[0], tuple(after), reuses)
+                None if source is None else source[0], tuple(after), reuses, sample)
 
 
 FAMILY_ORDER = ("one-step", "iterative", "noise", "gradient-free", "transfer")
+WHITE_BOX = ("one-step", "iterative")  # families that follow the target model's own gradients
 
 
 def cascade_order(spec: BenchmarkSpec) -> list[AttackSpec]:
@@ -251,6 +265,7 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
         clean = _cell(spec, data, defense.name, model_key, None, 0.0)
         cells.append(clean)
         chains: dict[tuple[str, float], list[str]] = {}
+        white_box: dict[tuple[str, float], list[str]] = {}  # the clean cell and the white-box columns
         columns: dict[tuple, Cell] = {}
         for attack in cascade_order(spec) if spec.cascade else spec.attacks:
             for eps in attack.eps:
@@ -260,6 +275,8 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                 cell = _cell(spec, data, defense.name, model_key, attack, eps, source=source, after=after)
                 cells.append(cell)
                 chain.append(cell.key)
+                if attack.family in WHITE_BOX:
+                    white_box.setdefault((attack.norm.value, eps), [clean.key]).append(cell.key)
                 if source is None:
                     columns.setdefault(_same_draws(attack, eps), cell)
         if spec.perturbation_probe:  # on every evaluation example, 5-fold cross-validated
@@ -273,7 +290,7 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                                request=probe.name))
         for check_id, check in checks:
             named: dict[str, str] = {}  # this check's request names -> cell keys, for requests that come after others
-            for request in check.requests(context):
+            for request in check.requests_for(context, defense.name):
                 common = dict(examples=request.examples, check=check_id, request=request.name)
                 if isinstance(request, ProbeRequest):
                     cells.append(_cell(spec, data, defense.name, model_key, None, 0.0, probe=request, **common))
@@ -281,11 +298,15 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                 attack_spec = AttackSpec(f"{check_id}: {request.name}", request.attack_id, tuple(sorted(request.options)),
                                          ATTACKS.get(request.attack_id)(**dict(request.options)).norm, (request.eps,))
                 source = None if request.source is None else (request.source, keys[request.source])
-                column = (None if request.restart or source is not None or request.after
+                after = tuple(named[name] for name in request.after)
+                if request.survivors_of is not None:
+                    survivors = {"matrix": chains, "white-box": white_box}[request.survivors_of]
+                    after += tuple(survivors.get((attack_spec.norm.value, request.eps), [clean.key]))
+                column = (None if request.restart or source is not None or after
                           else columns.get(_same_draws(attack_spec, request.eps)))
                 cells.append(_cell(spec, data, defense.name, model_key, attack_spec, request.eps, restart=request.restart,
-                                   source=source, reuses=None if column is None else column.key,
-                                   after=tuple(named[name] for name in request.after), **common))
+                                   source=source, reuses=None if column is None else column.key, after=after,
+                                   sample=request.sample, **common))
                 named[request.name] = cells[-1].key
     return cells
 
@@ -337,7 +358,7 @@ def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch
 def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
                   device: torch.device, source_model: torch.nn.Module | None = None,
                   attacked: np.ndarray | None = None, clean_correct: np.ndarray | None = None,
-                  training: tuple[torch.Tensor, torch.Tensor] | None = None) -> CellOutcome:
+                  training: tuple[torch.Tensor, torch.Tensor] | None = None, eot_draws: int = 1) -> CellOutcome:
     """Attack `model` on (x, y) batch by batch; every adversarial batch must pass the threat model.
 
     `attacked` (a cascade): attack only those examples; the others count as not robust. Example i's random
@@ -345,7 +366,9 @@ def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.
     misclassified iterate. With `source_model` the examples are crafted on it and transferred to `model` (a
     black-box attack; no early stop, since the source being fooled says nothing about the target); the cost
     counted is then the source's. `clean_correct`: the model's clean outcome on (x, y) where the caller has it;
-    `training`: the training split, for the probes that need it."""
+    `training`: the training split, for the probes that need it. `eot_draws` > 1: the attacked model is randomized,
+    so the attack sees the mean of that many forward passes (expectation over transformation); each adversarial
+    example is still judged by one pass of the model."""
     if cell.probe is not None:
         return evaluate_probe(cell, model, x, y, batch_size=batch_size, device=device, training=training,
                               clean_correct=clean_correct)
@@ -364,8 +387,8 @@ def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.
         rows = torch.from_numpy(index)
         xb, yb = x[rows].to(device), y[rows].to(device)
         start = time.perf_counter()
-        x_adv = attack(counter, xb, yb, eps=cell.eps, generator=ExampleRandomness(cell.seed, index),
-                       stop_when_fooled=source_model is None)
+        x_adv = attack(counter if eot_draws == 1 else AveragedOverDraws(counter, eot_draws), xb, yb, eps=cell.eps,
+                       generator=ExampleRandomness(cell.seed, index), stop_when_fooled=source_model is None)
         seconds += time.perf_counter() - start
         verify(xb, x_adv, cell.attack.norm, cell.eps)
         with torch.no_grad():
@@ -385,7 +408,9 @@ class CellRunner:
         self.x = data.x_test[: spec.eval_examples]
         self.y = data.y_test[: spec.eval_examples]
         self.finished = finished
+        self.eot_samples = spec.eot_samples
         self._models: dict[str, torch.nn.Module] = {}
+        self._randomized: dict[str, bool] = {}
         self._clean: dict[tuple[str, int], np.ndarray] = {}
 
     def model(self, defense: str) -> torch.nn.Module:
@@ -393,6 +418,15 @@ class CellRunner:
         if prepared.key not in self._models:
             self._models[prepared.key] = prepared.load_model(self.data, self.device)
         return self._models[prepared.key]
+
+    def eot_draws(self, defense: str) -> int:
+        """Forward passes an attack averages on this defense's model: `eot_samples` where identical passes disagree
+        (a randomized model), 1 otherwise."""
+        key = self.defenses[defense].key
+        if key not in self._randomized:
+            with isolated_global_rng(0, self.device):
+                self._randomized[key] = is_randomized(self.model(defense), self.x[:100].to(self.device))
+        return self.eot_samples if self._randomized[key] else 1
 
     def clean_correct(self, cell: Cell) -> np.ndarray:
         """The cell's model's clean outcome on its examples, computed once per model and example count."""
@@ -408,7 +442,10 @@ class CellRunner:
         if not cell.after:
             return None
         records = self._records(list(cell.after), cell)
-        return np.logical_and.reduce([records[key].robust_correct[: cell.examples] for key in cell.after])
+        survivors = np.logical_and.reduce([records[key].robust_correct[: cell.examples] for key in cell.after])
+        if cell.sample is not None:  # the first `sample` survivors, in example order
+            survivors[np.flatnonzero(survivors)[cell.sample:]] = False
+        return survivors
 
     def _records(self, keys: list[str], cell: Cell) -> dict[str, CellRecord]:
         records = self.finished(keys) if self.finished is not None else {}
@@ -419,6 +456,12 @@ class CellRunner:
         return records
 
     def __call__(self, cell: Cell) -> CellOutcome:
+        # torch's and numpy's global generators are seeded per cell (and restored after it): a randomized model
+        # draws the same noise on every run, so its cells reproduce like any other.
+        with isolated_global_rng(cell.seed, self.device):
+            return self._compute(cell)
+
+    def _compute(self, cell: Cell) -> CellOutcome:
         x, y = self.x[: cell.examples], self.y[: cell.examples]
         model = self.model(cell.defense)
         if cell.reuses is None:
@@ -427,12 +470,13 @@ class CellRunner:
             return evaluate_cell(cell, model, x, y, batch_size=self.batch_size, device=self.device,
                                  source_model=None if cell.source is None else self.model(cell.source),
                                  attacked=self.survivors(cell), training=(self.data.x_train, self.data.y_train),
-                                 clean_correct=clean_correct)
+                                 clean_correct=clean_correct, eot_draws=self.eot_draws(cell.source or cell.defense))
         column = self._records([cell.reuses], cell)[cell.reuses]
         ran = column.measurements.get("attacked")
         ran = np.ones(cell.examples, dtype=bool) if ran is None else np.asarray(ran[: cell.examples], dtype=bool)
         outcome = evaluate_cell(cell, model, x, y, batch_size=self.batch_size, device=self.device,
-                                attacked=~ran & column.clean_correct[: cell.examples], clean_correct=self.clean_correct(cell))
+                                attacked=~ran & column.clean_correct[: cell.examples], clean_correct=self.clean_correct(cell),
+                                eot_draws=self.eot_draws(cell.defense))
         adv_correct = np.where(ran, column.adv_correct[: cell.examples], outcome.adv_correct)
         return CellOutcome(outcome.clean_correct, adv_correct, outcome.seconds, outcome.forward_evals,
                            outcome.gradient_evals, {**outcome.measurements, "reused": ran})
@@ -452,25 +496,38 @@ class SequentialExecutor:
 
 
 def prepare_defenses(spec: BenchmarkSpec, names: Iterable[str], data: Dataset, *, cache_dir: Path, device: torch.device,
-                     progress: bool = True, on_prepared: Callable[[str, PreparedDefense], None] | None = None
-                     ) -> dict[str, PreparedDefense]:
-    """Train (or load from the cache) the named defenses and the ensemble sources they need."""
+                     progress: bool = True, on_prepared: Callable[[str, PreparedDefense], None] | None = None,
+                     failed: dict[str, str] | None = None) -> dict[str, PreparedDefense]:
+    """Train (or load from the cache) the named defenses and the ensemble sources they need. External models are
+    validated first (import, build, load, a forward pass with finite logits), before any training starts.
+    With `failed`, a trained defense that cannot be used (non-finite outputs) is recorded there (name -> reason)
+    and the others go on; a bad external model, or any failure without `failed`, raises."""
     by_name = {d.name: d for d in spec.defenses}
     prepared: dict[str, PreparedDefense] = {}
+    names = list(dict.fromkeys(names))
 
     def prepare(name: str) -> None:
-        if name in prepared:
+        if name in prepared or (failed is not None and name in failed):
             return
         defense = by_name[name]
         for source in defense.recipe.ensemble_sources if defense.recipe else ():
             prepare(source)  # the spec loader has ruled out cycles
-        prepared[name] = prepare_defense(defense, data, seed=spec.seed, cache_dir=cache_dir, device=device,
-                                         progress=progress, sources=prepared)
+            if failed is not None and source in failed:
+                failed[name] = f"its ensemble source {source!r} failed: {failed[source]}"
+                return
+        try:
+            prepared[name] = prepare_defense(defense, data, seed=spec.seed, cache_dir=cache_dir, device=device,
+                                             progress=progress, sources=prepared)
+        except (ValueError, FileNotFoundError) as error:
+            if failed is None or defense.recipe is None:  # a user's model that does not work stops the run at once
+                raise
+            failed[name] = str(error)
+            return
         if on_prepared is not None:
             on_prepared(name, prepared[name])
 
-    for name in names:
-        prepare(name)
+    for name in sorted(names, key=lambda n: by_name[n].recipe is not None):  # external models first: no training
+        prepare(name)                                                            # before a bad one is found
     return prepared
 
 
@@ -507,9 +564,17 @@ def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: tor
     if not todo:
         return summary
     names = dict.fromkeys(name for cell in todo for name in (cell.defense, cell.source) if name is not None)
+    unusable: dict[str, str] = {}
     prepared = prepare_defenses(spec, names, data, cache_dir=cache_dir, device=device, progress=progress,
                                 on_prepared=lambda name, p: store.write_defense(
-                                    p.key, name, p.spec.kind, describe_defense(p.spec), p.training))
+                                    p.key, name, p.spec.kind, describe_defense(p.spec), p.training),
+                                failed=unusable)
+    for name, reason in unusable.items():
+        print(f"harness: defense {name!r} cannot be evaluated: {reason}", file=sys.stderr)
+    blocked = [cell for cell in todo if cell.defense in unusable or cell.source in unusable]
+    summary.failed += [(cell.describe(), f"defense {cell.source if cell.source in unusable else cell.defense!r} "
+                                         "cannot be evaluated") for cell in blocked]
+    todo = [cell for cell in todo if cell not in blocked]
     runner = CellRunner(spec, data, prepared, device, finished=store.cells)
     versions, commit = library_versions(), code_commit()
     executor = executor or SequentialExecutor()

@@ -8,7 +8,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.registry import MODELS
+from harness.registry import MODELS, check_keywords
 
 
 def _scaled(channels: int, width: float) -> int:
@@ -167,13 +167,9 @@ def build_model(name: str, *, num_classes: int, in_channels: int, width: float =
     return InputQuantization(model, input_levels) if input_levels else model
 
 
-def load_external(factory: str, weights, options: dict | None = None) -> nn.Module:
-    """A user's model: `package.module:function` called with `options`, loaded strictly from safetensors."""
+def build_external(factory: str, options: dict | None = None) -> nn.Module:
+    """A user's model, untrained: `package.module:function` called with `options`."""
     import importlib
-    from pathlib import Path
-
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
 
     module_name, _, function_name = factory.partition(":")
     try:
@@ -183,9 +179,27 @@ def load_external(factory: str, weights, options: dict | None = None) -> nn.Modu
     build = getattr(module, function_name, None)
     if not callable(build):
         raise ValueError(f"external model factory {factory!r}: {module_name} has no callable {function_name!r}")
-    model = build(**(options or {}))
+    try:
+        check_keywords(build, dict(options or {}), f"external model factory {factory!r}")
+    except ValueError as error:
+        raise ValueError(f"options: {error}") from None
+    try:
+        model = build(**(options or {}))
+    except Exception as error:  # the user's code: report what it raised, not a traceback through ours
+        raise ValueError(f"external model factory {factory!r} raised {type(error).__name__}: {error}") from None
     if not isinstance(model, nn.Module):
-        raise TypeError(f"external model factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+        raise ValueError(f"external model factory {factory!r} returned {type(model).__name__}, not a torch.nn.Module")
+    return model
+
+
+def load_external(factory: str, weights, options: dict | None = None) -> nn.Module:
+    """A user's model: `package.module:function` called with `options`, loaded strictly from safetensors."""
+    from pathlib import Path
+
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    model = build_external(factory, options)
     path = Path(weights)
     if not path.is_file():
         raise FileNotFoundError(f"external model weights {str(path)!r} not found")
@@ -212,3 +226,44 @@ def correct_predictions(model: nn.Module, x: torch.Tensor, y: torch.Tensor, *, b
                 xb, yb = xb.to(device), yb.to(device)
             parts.append((model(xb).argmax(1) == yb).cpu().numpy())
     return np.concatenate(parts) if parts else np.zeros(0, dtype=bool)
+
+
+def check_finite_outputs(model: nn.Module, x: torch.Tensor, name: str, *, num_classes: int | None = None) -> None:
+    """Raise ValueError unless `model` maps a batch of `x` to finite logits of shape (N, classes): a model with NaN
+    weights or outputs gives no score at all, rather than a misleading one."""
+    try:
+        with torch.no_grad():
+            logits = model(x)
+    except Exception as error:  # the user's forward: report what it raised, not a traceback through ours
+        raise ValueError(f"defense {name!r}: its forward pass on a batch of test images of shape {tuple(x.shape)} "
+                         f"raised {type(error).__name__}: {error}") from None
+    if not isinstance(logits, torch.Tensor) or logits.ndim != 2 or len(logits) != len(x):
+        shape = tuple(logits.shape) if isinstance(logits, torch.Tensor) else type(logits).__name__
+        raise ValueError(f"defense {name!r}: the model must return logits of shape (batch, classes), got {shape}")
+    if num_classes is not None and logits.shape[1] != num_classes:
+        raise ValueError(f"defense {name!r}: the model returns {logits.shape[1]} logits, the data set has {num_classes} classes")
+    if not torch.isfinite(logits).all():
+        bad = int((~torch.isfinite(logits)).any(1).sum())
+        raise ValueError(f"defense {name!r}: the model gives non-finite logits (NaN or inf) on {bad} of {len(x)} test "
+                         "images (NaN weights, or training diverged); it gets no score")
+
+
+class AveragedOverDraws(nn.Module):
+    """Expectation over transformation (Athalye et al. 2018) for a randomized model: the mean of `draws` forward
+    passes' logits. Attacks see it in place of the model, so their gradients and their stopping decisions average
+    the model's randomness out; the harness still judges each adversarial example by one pass of the model."""
+
+    def __init__(self, model: nn.Module, draws: int):
+        super().__init__()
+        self.model, self.draws = model, int(draws)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.stack([self.model(x) for _ in range(self.draws)]).mean(0)
+
+
+def is_randomized(model: nn.Module, x: torch.Tensor, *, passes: int = 4, tolerance: float = 1e-4) -> bool:
+    """Whether identical forward passes on `x` disagree (predictions, or logits by more than `tolerance`)."""
+    with torch.no_grad():
+        outputs = [model(x) for _ in range(passes)]
+    return any(bool((o - outputs[0]).abs().max() > tolerance) or bool((o.argmax(1) != outputs[0].argmax(1)).any())
+               for o in outputs[1:])

@@ -1,6 +1,7 @@
 """One small generic registry: explicit names, duplicates and unknown names are errors."""
 from __future__ import annotations
 
+import inspect
 from typing import Callable, Generic, Iterator, TypeVar
 
 T = TypeVar("T")
@@ -51,6 +52,17 @@ class Registry(Generic[T]):
 
     def items(self) -> list[tuple[str, T]]:
         return sorted(self._entries.items())
+
+
+def check_keywords(function: Callable, options: dict, what: str) -> None:
+    """Raise ValueError unless every key of `options` is a keyword `function` takes; the message lists them."""
+    parameters = inspect.signature(function).parameters
+    if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters.values()):
+        return
+    allowed = [name for name, p in parameters.items() if name != "self" and p.kind is not inspect.Parameter.VAR_POSITIONAL]
+    unknown = sorted(set(options) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown option {', '.join(map(repr, unknown))} for {what}; allowed: {', '.join(allowed) or '(none)'}")
 
 
 ATTACKS: Registry[Callable] = Registry("attack")

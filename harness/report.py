@@ -25,6 +25,7 @@ from harness.store import CellRecord, ResultStore
 from harness.threat import Norm
 
 MISSING = "—"
+MISSING_VERDICT = "**missing**"  # an overall sanity verdict that could not be reached: never blank, never a pass
 
 
 def _column(norm: Norm, eps: float, label: str | None = None) -> str:
@@ -80,9 +81,14 @@ def gather_evidence(spec: BenchmarkSpec, cells: list[Cell], records: dict[str, C
 
 
 def overall(verdicts: dict[str, Verdict]) -> Status | None:
-    """The worst verdict of a defense's checks; None while any is missing."""
+    """The worst verdict of a defense's checks, ignoring the ones that do not apply; None while any is missing
+    (the board then says so above the ranking: a missing verdict never reads as a pass)."""
     statuses = [v.status for v in verdicts.values()]
-    return None if not statuses or any(s is None for s in statuses) else max(statuses)
+    if Status.FAIL in statuses:  # one failing check is enough, whatever else is missing
+        return Status.FAIL
+    if not statuses or any(s is None for s in statuses):
+        return None
+    return max(statuses)
 
 
 def attacked_count(cell: Cell, record: CellRecord) -> int:
@@ -160,7 +166,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
         summary = {"Defense": defense.name, "Source": defense.kind}
         if spec.checks:
             status = overall(verdicts[defense.name])
-            summary["Sanity"] = (MISSING if status is None else
+            summary["Sanity"] = (MISSING_VERDICT if status is None else
                                  f"[{status.label}]({sanity_file(spec)}#{defense_anchor(defense.name)})")
         summary.update({"Training evals (k)": training_evals / 1e3 if defense.recipe is not None and training else None,
                         "Clean": None if clean is None else 100 * clean.mean()})
@@ -331,6 +337,11 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
     if board.missing:
         lines += [f"**Incomplete:** {len(board.missing)} cells are not in the store ({MISSING} below); "
                   f"run `python -m harness run {spec.path}`.", ""]
+    unjudged = [name for name, verdicts in board.verdicts.items() if spec.checks and overall(verdicts) is None]
+    if unjudged:
+        lines += [f"**Sanity verdict missing** for {', '.join(unjudged)}: some of their checks have no evidence in the "
+                  f"store (see `{sanity_file(spec)}`), so nothing vouches for their numbers; read those rows as "
+                  "unchecked.", ""]
     lines += ["## Ranking", "", _markdown(board.summary), ""]
     if spec.cascade:
         every = [a.label for a in spec.attacks if runs_on_every_example(spec, a)]
@@ -401,7 +412,7 @@ def render_sanity(board: Leaderboard, out_dir: Path, *, command: str) -> str:
     order = list(board.summary["Defense"])
 
     def status_text(verdict: Verdict) -> str:
-        return MISSING if verdict.status is None else verdict.status.label
+        return "missing" if verdict.status is None else verdict.status.label
 
     lines = [
         f"# Sanity checks: {spec.name}",
@@ -417,7 +428,7 @@ def render_sanity(board: Leaderboard, out_dir: Path, *, command: str) -> str:
         "## Verdicts",
         "",
     ]
-    matrix = pd.DataFrame([{"Defense": name, "Verdict": MISSING if overall(board.verdicts[name]) is None
+    matrix = pd.DataFrame([{"Defense": name, "Verdict": MISSING_VERDICT if overall(board.verdicts[name]) is None
                             else overall(board.verdicts[name]).label,
                             **{check_id: status_text(board.verdicts[name][check_id]) for check_id in board.checks}}
                            for name in order])

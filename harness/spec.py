@@ -15,6 +15,7 @@ Every error names the file and the TOML key that is wrong, and what is allowed t
 from __future__ import annotations
 
 import inspect
+import math
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +23,7 @@ from pathlib import Path
 import harness.plugins  # noqa: F401  (every registry entry must exist before a spec is checked)
 from attacks_ext.base import Attack, check_eps
 from defenses.recipes import Recipe, build_recipe
-from harness.registry import ATTACKS, CHECKS, DATASETS, MODELS
+from harness.registry import ATTACKS, CHECKS, DATASETS, MODELS, check_keywords
 from harness.threat import Norm
 
 
@@ -105,6 +106,7 @@ class BenchmarkSpec:
     cascade: bool = False  # attack columns run on the examples still robust (harness.matrix's docstring)
     perturbation_probe: bool = False  # [label_leak] perturbation_probe: linear probes on sign-gradient perturbations
     robust_features: tuple[tuple[str, object], ...] = ()  # [label_leak] robust_features: source defense and options
+    eot_samples: int = 8  # forward passes attacks average on a model whose outputs are randomized (EOT)
 
     @property
     def label_leak_columns(self) -> frozenset[str]:
@@ -128,7 +130,8 @@ def _context(grid, rank_by, eval_examples, defenses, attacks, cascade):
                    defenses=tuple(d.name for d in defenses), columns=columns, cascade=cascade)
 
 
-BENCHMARK_KEYS = {"name", "dataset", "dataset_options", "seed", "eval_examples", "batch_size", "rank_by", "cascade"}
+BENCHMARK_KEYS = {"name", "dataset", "dataset_options", "seed", "eval_examples", "batch_size", "rank_by", "cascade",
+                  "eot_samples"}
 EXTERNAL_KEYS = {"factory", "weights", "options"}
 
 
@@ -145,10 +148,10 @@ def _check_keys(path, key: str, table: dict, allowed: set[str], required: set[st
 
 def _check_options(path, key: str, entry_id: str, factory, options: dict) -> None:
     """Every option must be a keyword of the registered factory; the error lists the allowed ones."""
-    allowed = [p for p in inspect.signature(factory).parameters if p != "self"]
-    unknown = sorted(set(options) - set(allowed))
-    if unknown:
-        _fail(path, key, f"unknown option {', '.join(map(repr, unknown))} for {entry_id}; allowed: {', '.join(allowed) or '(none)'}")
+    try:
+        check_keywords(factory, options, entry_id)
+    except ValueError as error:
+        _fail(path, key, str(error))
 
 
 def _positive_int(path, key: str, value) -> int:
@@ -157,7 +160,8 @@ def _positive_int(path, key: str, value) -> int:
     return value
 
 
-def _eps_list(path, key: str, values, norm: Norm) -> tuple[float, ...]:
+def _eps_list(path, key: str, values, norm: Norm, diameter: float | None = None) -> tuple[float, ...]:
+    """A sorted list of eps; at L2 none above `diameter`, the largest distance two inputs can be apart."""
     if not isinstance(values, list) or not values:
         _fail(path, key, f"must be a non-empty list of numbers, got {values!r}")
     out = []
@@ -168,6 +172,9 @@ def _eps_list(path, key: str, values, norm: Norm) -> tuple[float, ...]:
             out.append(check_eps(value, norm))
         except (TypeError, ValueError) as error:
             _fail(path, key, str(error))
+        if norm is Norm.L2 and diameter is not None and value > diameter:
+            _fail(path, key, f"L2 eps={value:g} exceeds {diameter:g}, the largest L2 distance between two inputs of "
+                             "this data set (every pixel from 0 to 1); eps is in [0, 1] input units")
     if len(set(out)) != len(out):
         _fail(path, key, f"repeats an eps: {values!r}")
     return tuple(sorted(out))
@@ -188,7 +195,9 @@ def _load_defense(path, name: str, table: dict) -> DefenseSpec:
         if not weights.is_absolute():
             weights = (Path(path).parent / weights).resolve()
         if weights.suffix != ".safetensors":
-            _fail(path, f"{key}.weights", f"must be a .safetensors file (the harness never unpickles), got {weights.name!r}")
+            _fail(path, f"{key}.weights", f"must be a .safetensors file (the harness never unpickles), got {weights.name!r}; "
+                                          f"convert a .pt/.pth state dict with `python -m harness convert-weights "
+                                          f"{weights.name} {weights.stem}.safetensors --factory {factory}`")
         options = table.get("options", {})
         if not isinstance(options, dict):
             _fail(path, f"{key}.options", "must be a table of keyword arguments for the factory")
@@ -250,6 +259,10 @@ def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ..
     if norm not in grid:
         _fail(path, key, f"{attack_id} is a {norm.value} attack but [eps] has no {norm.value} grid")
     eps = _eps_list(path, f"{key}.eps", table["eps"], norm) if "eps" in table else grid[norm]
+    off_grid = [e for e in eps if e not in grid[norm]]
+    if off_grid:
+        _fail(path, f"{key}.eps", f"{', '.join(f'{e:g}' for e in off_grid)} not on the [eps] {norm.value} grid "
+                                  f"({', '.join(f'{e:g}' for e in grid[norm])}): a column's eps must be a subset of it")
     return AttackSpec(label, attack_id, tuple(sorted(options.items())), norm, eps, source)
 
 
@@ -355,7 +368,9 @@ def load(path: str | Path) -> BenchmarkSpec:
 
     eps_table = raw["eps"]
     _check_keys(path, "eps", eps_table, {n.value for n in Norm})
-    grid = {Norm(name): _eps_list(path, f"eps.{name}", values, Norm(name)) for name, values in eps_table.items()}
+    shape = getattr(DATASETS.get(dataset), "input_shape", None)
+    diameter = None if shape is None else math.sqrt(math.prod(shape))
+    grid = {Norm(name): _eps_list(path, f"eps.{name}", values, Norm(name), diameter) for name, values in eps_table.items()}
     if not grid:
         _fail(path, "eps", "needs at least one grid, e.g. linf = [0.1, 0.3]")
 
@@ -400,5 +415,6 @@ def load(path: str | Path) -> BenchmarkSpec:
         dataset_options=tuple(sorted(dataset_options.items())), seed=seed,
         eval_examples=eval_examples,
         batch_size=_positive_int(path, "benchmark.batch_size", bench.get("batch_size", 250)),
+        eot_samples=_positive_int(path, "benchmark.eot_samples", bench.get("eot_samples", 8)),
         eps=tuple(grid.items()), defenses=defenses, attacks=attacks, rank_by=(rank_norm, float(rank_eps)),
     )

@@ -1,11 +1,11 @@
-"""Strength per cost: a benchmark's own worst-case cascade against AutoAttack on one defense, in one run.
+"""Strength per cost: a benchmark's own worst-case cascade against AutoAttack on defenses and threat models.
 
 On the benchmark's evaluation images and one (norm, eps), `compare` runs
 - **ours**: the benchmark's columns at that (norm, eps), exactly as the matrix runs them (same cells, seeds,
   cascade and early stop), their worst case per example;
-- each **contender** (by default AutoAttack's standard set at its original budgets, torchattacks' shipped
-  `AutoAttack(version='standard')`, and APGD-CE alone) on the examples the model classifies correctly, which is
-  AutoAttack's own protocol;
+- each **contender** (by default AutoAttack's standard set at its original budgets: the original code where
+  `pyautoattack` is installed, and torchattacks' parts composed the same way) on the examples the model
+  classifies correctly, which is AutoAttack's own protocol;
 and records robust accuracy, model evaluations (the clean pass included for every row) and wall time.
 `python -m harness strength-per-cost` writes the JSON; `python -m harness attack-cost` renders it.
 """
@@ -25,19 +25,27 @@ from harness.matrix import (CellOutcome, CellRunner, _cell, code_commit, evaluat
 from harness.spec import AttackSpec, BenchmarkSpec
 from harness.threat import Norm
 
-# (label, attack id, options) per norm: what the comparison runs against our cascade by default.
-CONTENDERS = {
-    Norm.LINF: (
-        ("AutoAttack standard, original budgets", "autoattack-standard", ()),
-        ("torchattacks AutoAttack(version='standard'), 10-step", "ta-autoattack", ()),
-        ("APGD-CE alone, 100 steps", "ta-apgd-ce", (("steps", 100),)),
-    ),
-    Norm.L2: (
-        ("AutoAttack standard, original budgets", "autoattack-standard-l2", ()),
-        ("torchattacks AutoAttack(version='standard'), 10-step", "ta-autoattack-l2", ()),
-        ("APGD-CE alone, 100 steps", "ta-apgd-ce-l2", (("steps", 100),)),
-    ),
+# (label, attack id, options) per norm: what the comparison runs against our cascade by default. The original
+# AutoAttack is the reference where it is installed; torchattacks' parts at the same budgets are the second row.
+PORT = {
+    Norm.LINF: ("AutoAttack standard, torchattacks' parts at the original budgets", "autoattack-standard", ()),
+    Norm.L2: ("AutoAttack standard, torchattacks' parts at the original budgets", "autoattack-standard-l2", ()),
 }
+ORIGINAL = {
+    Norm.LINF: ("AutoAttack standard, original code (pyautoattack)", "aa-standard", ()),
+    Norm.L2: ("AutoAttack standard, original code (pyautoattack)", "aa-standard-l2", ()),
+}
+# The cases attack-cost.md compares by default: (defense, norm, eps).
+CASES = (("pgd-at", Norm.LINF, 0.3), ("trades", Norm.LINF, 0.3), ("ls-gn", Norm.LINF, 0.3), ("fgsm-at-full", Norm.LINF, 0.3),
+         ("pgd-at", Norm.L2, 2.0), ("pgd-at-l2", Norm.L2, 2.0))
+
+
+def default_contenders(norm: Norm) -> tuple:
+    from attacks_ext.autoattack import original_autoattack_installed
+
+    return ((ORIGINAL[norm],) if original_autoattack_installed() else ()) + (PORT[norm],)
+
+
 OURS = "ours: the benchmark's worst-case cascade"
 
 
@@ -71,7 +79,7 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
                  sum(done[c.key].forward_evals for c in chain), sum(done[c.key].gradient_evals for c in chain))]
 
     model = runner.model(defense)
-    for label, attack_id, options in contenders if contenders is not None else CONTENDERS[norm]:
+    for label, attack_id, options in contenders if contenders is not None else default_contenders(norm):
         attack = AttackSpec(label, attack_id, tuple(sorted(options)), norm, (eps,))
         if attack.build().norm is not norm:
             raise ValueError(f"contender {attack_id!r} is not a {norm.value} attack")
@@ -96,6 +104,11 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
     }
 
 
+def compare_cases(spec: BenchmarkSpec, cases, **options) -> dict:
+    """`compare` for each (defense, norm, eps) of `cases`, in one result: {"comparisons": [...]}."""
+    return {"comparisons": [compare(spec, defense=defense, norm=norm, eps=eps, **options) for defense, norm, eps in cases]}
+
+
 def _row(label: str, attack: str, robust: np.ndarray, seconds: float, forward: int, gradient: int) -> dict:
     return {"label": label, "attack": attack, "robust": 100 * float(robust.mean()), "seconds": seconds,
             "forward_evals": int(forward), "gradient_evals": int(gradient),
@@ -108,9 +121,12 @@ def write(result: dict, path: Path) -> Path:
     return path
 
 
-def load(path: Path) -> dict:
+def load(path: Path) -> list[dict]:
+    """The comparisons in a strength-per-cost JSON (one, or several under "comparisons")."""
     result = json.loads(Path(path).read_text())
-    missing = {"defense", "norm", "eps", "examples", "rows"} - set(result)
-    if missing:
-        raise ValueError(f"{path}: not a strength-per-cost result (missing {', '.join(sorted(missing))})")
-    return result
+    comparisons = result.get("comparisons", [result]) if isinstance(result, dict) else []
+    for comparison in comparisons or [{}]:
+        missing = {"defense", "norm", "eps", "examples", "rows"} - set(comparison)
+        if missing:
+            raise ValueError(f"{path}: not a strength-per-cost result (missing {', '.join(sorted(missing))})")
+    return comparisons

@@ -41,3 +41,8 @@ def randomized():
 
 def softmax():
     return SoftmaxOutput(small_cnn())
+
+
+def not_a_module():
+    """A broken factory: returns a dict instead of a model."""
+    return {}

@@ -63,6 +63,18 @@ def test_zero_eps_changes_nothing(attack, natural_model, batch):
     assert torch.allclose(x_adv, x, atol=1e-7)
 
 
+def test_label_free_attacks_do_not_read_the_label(attack, natural_model, batch):
+    """An attack declared label-free (it builds on the prediction, the least-likely class or noise) gives the same
+    point whatever labels it is handed: the label-leak board's twins rest on that."""
+    if attack.uses_true_label:
+        pytest.skip("reads the true label")
+    x, y = batch
+    flipped = (y + 1 + torch.arange(len(y)) % 9) % 10
+    assert bool((flipped != y).all())
+    first = attack(natural_model, x, y, eps=EPS[attack.norm], generator=generator(7))
+    assert torch.equal(first, attack(natural_model, x, flipped, eps=EPS[attack.norm], generator=generator(7)))
+
+
 def test_same_seed_same_output(attack, natural_model, batch):
     x, y = batch
     first = attack(natural_model, x, y, eps=EPS[attack.norm], generator=generator(7))

@@ -7,8 +7,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attacks_ext.checks import (Column, Context, Evidence, FgsmDirectionLoss, GradientNormTrace, MonotoneInEps,
-                                RestartSweep, Status, StepSweep)
+from attacks_ext.attack_checks import RestartSweep, StepSweep
+from attacks_ext.checks import Column, Context, Evidence, FgsmDirectionLoss, GradientNormTrace, MonotoneInEps, Status
 from harness import report, spec as spec_module
 from harness.matrix import run
 from harness.models import InputQuantization
@@ -202,18 +202,19 @@ def evidence(*, requested=None, matrix=None, columns=None) -> Evidence:
 def test_restart_sweep_counts_an_example_only_if_it_survives_every_restart():
     check = RestartSweep(restarts=4, warn_drop=1.0)
     runs = [[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1]]
-    verdict = check.evaluate(evidence(requested={f"restart {i + 1}": record(r) for i, r in enumerate(runs)}))
-    assert verdict.details == {"1 restarts": 100.0, "2 restarts": 75.0, "4 restarts": 50.0}
+    verdict = check.evaluate(evidence(requested={f"linf: restart {i + 1}": record(r) for i, r in enumerate(runs)}))
+    assert verdict.details == {"L∞ 1 restarts": 100.0, "L∞ 2 restarts": 75.0, "L∞ 4 restarts": 50.0}
     assert verdict.status is Status.WARN  # the last doubling still lowered accuracy by 25 points
     converged = [[1, 1, 0, 0]] * 4
-    assert check.evaluate(evidence(requested={f"restart {i + 1}": record(r) for i, r in enumerate(converged)})).status is Status.PASS
+    assert check.evaluate(evidence(requested={f"linf: restart {i + 1}": record(r) for i, r in enumerate(converged)})).status is Status.PASS
 
 
 def test_step_sweep_warns_while_more_steps_still_help():
     check = StepSweep(steps=[10, 20, 40], warn_drop=1.0)
-    curve = {"steps 10": record([1, 1, 1, 1]), "steps 20": record([1, 1, 1, 0]), "steps 40": record([1, 0, 0, 0])}
+    curve = {"linf: steps 10": record([1, 1, 1, 1]), "linf: steps 20": record([1, 1, 1, 0]),
+             "linf: steps 40": record([1, 0, 0, 0])}
     assert check.evaluate(evidence(requested=curve)).status is Status.WARN
-    curve["steps 40"] = record([1, 1, 1, 0])
+    curve["linf: steps 40"] = record([1, 1, 1, 0])
     assert check.evaluate(evidence(requested=curve)).status is Status.PASS
 
 
@@ -258,7 +259,7 @@ def test_gradient_trace_runs_under_each_norm_and_warns_where_s_o_beats_pgd():
 
 
 def test_a_missing_cell_gives_no_verdict_rather_than_a_pass():
-    verdict = RestartSweep().evaluate(evidence(requested={"restart 1": record([1, 1, 1, 1])}))
+    verdict = RestartSweep().evaluate(evidence(requested={"linf: restart 1": record([1, 1, 1, 1])}))
     assert verdict.status is None and "not run yet" in verdict.reason
 
 
@@ -295,8 +296,9 @@ def test_probe_measurements_round_trip_and_an_old_store_gains_the_column(tmp_pat
     from harness.store import SCHEMA
 
     path = tmp_path / "old.sqlite"
-    old_schema = SCHEMA.replace(",\n    measurements   BLOB              -- safetensors bytes of a probe's per-example arrays; NULL for attack cells", "")
-    assert "measurements" not in old_schema
+    old_schema = SCHEMA.replace(",\n    measurements   BLOB,             -- safetensors bytes of a probe's per-example arrays; NULL for attack cells", "")
+    old_schema = old_schema.replace("\n    checksum       TEXT              -- sha256 of every other column of the row (see `_checksum`)", "")
+    assert "measurements" not in old_schema and "checksum" not in old_schema
     connection = sqlite3.connect(str(path))
     connection.executescript(old_schema)
     connection.close()
@@ -318,9 +320,9 @@ def test_identical_requests_from_two_checks_share_one_cell(tmp_path, mnist):
     save_file({k: v.contiguous() for k, v in planted.natural().state_dict().items()}, str(tmp_path / "n.safetensors"))
     cells = plan(spec_module.load(tmp_path / "s.toml"), mnist)
     by_label = {cell.label: cell.key for cell in cells}
-    assert by_label["restart-sweep: restart 1"] == by_label["step-sweep: steps 10"]  # same attack, eps, examples
+    assert by_label["restart-sweep: linf: restart 1"] == by_label["step-sweep: linf: steps 10"]  # same attack, eps
     assert by_label["randomized-outputs: outputs"] == by_label["probability-outputs: outputs"]
-    assert by_label["restart-sweep: restart 1"] != by_label["restart-sweep: restart 2"]
+    assert by_label["restart-sweep: linf: restart 1"] != by_label["restart-sweep: linf: restart 2"]
     assert len({cell.key for cell in cells}) < len(cells)
 
 

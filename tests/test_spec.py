@@ -58,9 +58,21 @@ def test_errors_name_the_offending_key(tmp_path, kwargs, key, message):
     assert f"[{key}" in text and message in text, text
 
 
-def test_attack_eps_outside_its_grid_is_accepted_when_valid(tmp_path):
-    loaded = spec.load(write(tmp_path, attack_options="steps = 2\neps = [0.05]"))
-    assert loaded.attacks[0].eps == (0.05,)
+def test_attack_eps_must_be_a_subset_of_its_grid(tmp_path):
+    """A column at an eps the grid lacks would be computed, stored and shown nowhere: it is an error."""
+    assert spec.load(write(tmp_path, attack_options="steps = 2\neps = [0.3]")).attacks[0].eps == (0.3,)
+    with pytest.raises(spec.SpecError, match=r"\[attacks.pgd.eps\] 0.05 not on the \[eps\] linf grid \(0.1, 0.3\)"):
+        spec.load(write(tmp_path, attack_options="steps = 2\neps = [0.05]"))
+
+
+def test_l2_eps_above_the_input_diameter_is_rejected(tmp_path):
+    """28 x 28 inputs in [0, 1] are at most 28 apart in L2: a larger eps admits every image and means a unit slip."""
+    path = write(tmp_path)
+    path.write_text(path.read_text().replace("l2 = [1.0]", "l2 = [1.0, 300]"))
+    with pytest.raises(spec.SpecError, match=r"\[eps.l2\] L2 eps=300 exceeds 28, the largest L2 distance"):
+        spec.load(path)
+    path.write_text(path.read_text().replace("l2 = [1.0, 300]", "l2 = [1.0, 28]"))
+    assert spec.load(path).eps_grid(Norm.L2) == (1.0, 28.0)
 
 
 def test_external_defense_requires_safetensors(tmp_path):

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness import spec as spec_module, strength
-from harness.attack_cost import strength_section
+from harness.attack_cost import strength_section, strength_summary
 from harness.matrix import evaluate_cell, plan, prepare_defenses
 from harness.threat import Norm
 
@@ -60,10 +60,11 @@ def test_ours_is_the_per_example_worst_case_and_contenders_are_counted(tmp_path,
         assert row["forward_evals"] >= 60 and row["seconds"] > 0  # the clean pass is in every row
     assert autoattack["gradient_evals"] > 0 and 0 <= autoattack["robust"] <= result["clean"]
     # JSON round trip and the attack-cost.md section
-    saved = strength.load(strength.write(result, tmp_path / "out" / "strength.json"))
-    text = "\n".join(strength_section(saved))
-    assert "Strength per cost against AutoAttack" in text and "of its model evaluations" in text
-    assert f"{ours['robust']:.1f}%" in text
+    saved = strength.load(strength.write({"comparisons": [result]}, tmp_path / "out" / "strength.json"))
+    text = "\n".join(strength_summary(saved) + strength_section(saved[0]))
+    assert "Strength per cost against AutoAttack" in text and "of its model evaluations in total" in text
+    assert f"| {ours['robust']:.2f} " in text and "### `natural`, L∞ 0.15" in text
+    assert strength.load(strength.write(result, tmp_path / "one.json")) == [result]  # a single comparison reads too
 
 
 def test_bad_requests_name_what_is_allowed(tmp_path, mnist):

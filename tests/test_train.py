@@ -74,8 +74,29 @@ def test_cache_key_depends_on_recipe_data_seed_and_code(tiny_mnist, mnist, monke
     assert base != checkpoint_key(build_recipe("natural", epochs=2), tiny_mnist, 0)
     assert base != checkpoint_key(recipe, mnist, 0)
     assert base != checkpoint_key(recipe, tiny_mnist, 1)
-    monkeypatch.setattr(training, "training_code_version", lambda: "edited")
+    monkeypatch.setattr(training, "training_code_version", lambda roots=(): "edited")
     assert base != checkpoint_key(recipe, tiny_mnist, 0)
+
+
+def test_training_code_version_follows_imports_not_folders(tmp_path, monkeypatch):
+    """The key covers the modules training imports (transitively): a new attack or check module, or an edit to
+    code training never runs, leaves every checkpoint valid; an edit to the adversary's module does not."""
+    import shutil
+
+    for package in training.OUR_PACKAGES:
+        shutil.copytree(training.REPO_ROOT / package, tmp_path / package, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(training, "REPO_ROOT", tmp_path)
+    recipe = build_recipe("pgd-at")
+    roots = training.recipe_code_roots(recipe)
+    assert "attacks_ext.pgd" in roots and "harness.models" in roots
+    before = training.training_code_version(roots)
+    (tmp_path / "attacks_ext" / "my_new_attack.py").write_text("x = 1\n")
+    with open(tmp_path / "attacks_ext" / "checks.py", "a") as handle:
+        handle.write("# a check changed\n")
+    assert training.training_code_version(roots) == before
+    with open(tmp_path / "attacks_ext" / "base.py", "a") as handle:  # imported by the adversary's module
+        handle.write("# the attack interface changed\n")
+    assert training.training_code_version(roots) != before
 
 
 @pytest.mark.parametrize("damage", ["flip-byte", "truncate", "sidecar"])

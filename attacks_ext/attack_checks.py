@@ -1,0 +1,399 @@
+"""Sanity checks that run extra attacks, at every norm the board reports: unbounded eps (Carlini et al. 2019;
+Shafahi et al. Table 9), restart and step sweeps (Tables 10, 11), a gradient-free and a transfer attack against
+the white-box columns. The reference audit (`reference_check.py`) builds on the same base.
+
+Each runs at every norm of the board's grid (or the `norms` it is given) at that norm's rank-by eps: the
+board's `rank_by` eps for its norm, the largest eps of the grid for the others. Its verdict is the worst over
+the norms, and its figure names every norm; a norm whose evidence is not in the store makes the verdict
+missing ("not run"), never a pass.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from attacks_ext.base import check_eps
+from attacks_ext.checks import (AttackRequest, Check, Status, Verdict, _above, _count, _grade, _line_styles,
+                                _missing, _number, _save, _thresholds)
+from harness.figures import pyplot
+from harness.registry import ATTACKS, CHECKS
+from harness.threat import Norm
+
+PGD = {Norm.LINF: "pgd-linf", Norm.L2: "pgd-l2"}
+SQUARE = {Norm.LINF: "ta-square", Norm.L2: "ta-square-l2"}
+
+
+def rank_eps(context, norm: Norm) -> float:
+    """The eps a check runs at for `norm`: the board's rank-by eps for its norm, the largest of the grid otherwise."""
+    rank_norm, eps = context.rank_by
+    return eps if rank_norm is norm else max(context.grid[norm])
+
+
+def _norm_list(norms) -> tuple[Norm, ...] | None:
+    if norms is None:
+        return None
+    if not isinstance(norms, (list, tuple)) or not norms:
+        raise ValueError(f"norms must be a non-empty list such as ['linf', 'l2'], got {norms!r}")
+    return tuple(dict.fromkeys(Norm.parse(n) for n in norms))
+
+
+def _per_norm(value, name: str, convert, norms: tuple[Norm, ...] | None) -> dict[Norm, object] | None:
+    """An option given per norm as a table ({linf = ..., l2 = ...}), or as one value for a check that runs at one
+    norm (L-inf unless `norms` names another); None: the check's defaults."""
+    if value is None:
+        return None
+    if not isinstance(value, dict):
+        if norms is not None and len(norms) > 1:
+            raise ValueError(f"{name} must be a table by norm, e.g. {{ linf = ..., l2 = ... }}, when the check runs "
+                             f"at several norms; got {value!r}")
+        value = {(norms or (Norm.LINF,))[0].value: value}
+    return {Norm.parse(norm): convert(v, Norm.parse(norm)) for norm, v in value.items()}
+
+
+class PerNormCheck(Check):
+    """Base of the checks that attack at every norm: `_requests_at(context, norm)` and `_evaluate_at(evidence,
+    norm)` do one norm; the base names requests by norm and combines the verdicts."""
+
+    attacks: dict[Norm, str] = {}  # the attack each norm uses unless the `attack` option names one
+
+    def _setup(self, norms, attack: str | None) -> None:
+        self.norms = _norm_list(norms)
+        if attack is not None:  # one attack given: the check runs at that attack's norm only
+            norm = ATTACKS.get(attack)().norm
+            if self.norms is not None and self.norms != (norm,):
+                raise ValueError(f"attack {attack!r} is a {norm.value} attack; norms may only be [{norm.value!r}]")
+            self.attacks, self.norms = {norm: attack}, (norm,)
+
+    def norms_for(self, context) -> tuple[Norm, ...]:
+        wanted = self.norms if self.norms is not None else tuple(self.attacks)
+        if self.norms is not None:
+            for norm in wanted:
+                if norm not in self.attacks:
+                    raise ValueError(f"no {norm.value} attack for this check; give attack = '<a {norm.value} attack>'")
+        return tuple(norm for norm in wanted if norm in context.grid)
+
+    @staticmethod
+    def name(norm: Norm, text: str) -> str:
+        return f"{norm.value}: {text}"
+
+    def requests(self, context):
+        return tuple(request for norm in self.norms_for(context) for request in self._requests_at(context, norm))
+
+    def evaluate(self, evidence) -> Verdict:
+        norms = self.norms_for(evidence.context)
+        if not norms:
+            return Verdict(self.id, Status.NOT_APPLICABLE, "", "the board has no eps grid at the norms this check runs at")
+        verdicts = [(norm, self._evaluate_at(evidence, norm)) for norm in norms]
+        missing = [(norm, v) for norm, v in verdicts if v.status is None]
+        if missing:
+            return Verdict(self.id, None, "", "; ".join(f"{norm.symbol}: {v.reason}" for norm, v in missing))
+        worst_norm, worst = max(verdicts, key=lambda item: item[1].status)
+        figure = "; ".join(f"{norm.symbol}: {v.figure}" for norm, v in verdicts)
+        details = {f"{norm.symbol} {key}": value for norm, v in verdicts for key, value in v.details.items()}
+        return Verdict(self.id, worst.status, figure, f"{worst_norm.symbol}: {worst.reason}", details)
+
+    def _requests_at(self, context, norm: Norm) -> tuple[AttackRequest, ...]:
+        raise NotImplementedError
+
+    def _evaluate_at(self, evidence, norm: Norm) -> Verdict:
+        raise NotImplementedError
+
+    def _panels(self, evidences, path, draw, *, xlabel, ylabel, title, log2_x: bool = False) -> bool:
+        """One panel per norm, one curve per defense: `draw(evidence, norm)` gives the (x, y) points or None."""
+        plt = pyplot()
+        contexts = [e.context for e in evidences.values()]
+        norms = self.norms_for(contexts[0]) if contexts else ()
+        if not norms:
+            return False
+        fig, axes = plt.subplots(1, len(norms), figsize=(6.5 * len(norms), 4.0), squeeze=False)
+        drawn = False
+        for axis, norm in zip(axes[0], norms):
+            for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
+                points = draw(evidence, norm)
+                if points:
+                    axis.plot(*zip(*points), marker="o", color=color, linestyle=style, label=name)
+                    drawn = True
+            if log2_x:
+                axis.set_xscale("log", base=2)
+            axis.set_ylim(-2, 102)
+            axis.set_xlabel(xlabel(norm))
+            axis.set_ylabel(ylabel)
+            axis.grid(alpha=0.3)
+            axis.set_title(title(contexts[0], norm), fontsize=10)
+            if axis.get_legend_handles_labels()[0]:
+                axis.legend(fontsize=7, ncol=2)
+        _save(fig, path)
+        return drawn
+
+
+def _rises(points: list[tuple[float, float]]) -> tuple[float, str]:
+    """The largest rise of accuracy from one point of a budget curve to a later one, and where."""
+    best, where = 0.0, ""
+    for i, (x0, a0) in enumerate(points):
+        for x1, a1 in points[i + 1:]:
+            if a1 - a0 > best:
+                best, where = a1 - a0, f"{a0:.1f}% at {x0:g} → {a1:.1f}% at {x1:g}"
+    return best, where
+
+
+RISE_REASON = ("accuracy rises with the attack's budget: a stronger attack must not do worse, so the model is "
+               "randomized or its gradients unstable; its robust accuracies are not trustworthy")
+
+
+@CHECKS.register("unbounded-eps")
+class UnboundedEps(PerNormCheck):
+    """Unbounded eps (Carlini et al. 2019; Shafahi et al. Table 9): as eps grows towards the whole input range
+    with more steps, accuracy must fall to about 0, and never rise; if it does not, gradients are masked or the
+    attack is broken. L∞ 1 admits any image; at L2 the defaults reach 28, the diameter of a 28 x 28 image."""
+
+    id, title = "unbounded-eps", "Unbounded eps"
+    attacks = PGD
+    DEFAULT_EPS = {Norm.LINF: (0.5, 1.0), Norm.L2: (7.0, 28.0)}
+
+    def __init__(self, *, eps: dict | list | tuple | None = None, steps: int = 100, examples: int = 100,
+                 attack: str | None = None, norms: list | tuple | None = None, warn_above: float = 1.0,
+                 fail_above: float = 5.0):
+        self.steps, self.examples = _count(steps, "steps"), _count(examples, "examples")
+        self._setup(norms, attack)
+        self.eps = dict(self.DEFAULT_EPS)  # a plain list is the L-inf list (or that of the one norm asked for)
+        self.eps.update(_per_norm(eps, "eps", self._eps_values, self.norms) or {})
+        self.warn, self.fail = _thresholds(warn_above, fail_above, "% accuracy")
+
+    @staticmethod
+    def _eps_values(values, norm: Norm) -> tuple[float, ...]:
+        if not isinstance(values, (list, tuple)) or not values:
+            raise ValueError(f"eps at {norm.value} must be a non-empty list, got {values!r}")
+        return tuple(sorted(float(check_eps(e, norm)) for e in values))
+
+    def _requests_at(self, context, norm):
+        return tuple(AttackRequest(self.name(norm, f"eps={e:g}"), self.attacks[norm], (("steps", self.steps),), e,
+                                   self.examples) for e in self.eps[norm])
+
+    def _curve(self, evidence, norm):
+        records = [evidence.requested.get(self.name(norm, f"eps={e:g}")) for e in self.eps[norm]]
+        return None if any(r is None for r in records) else [(e, r.robust_accuracy) for e, r in zip(self.eps[norm], records)]
+
+    def _evaluate_at(self, evidence, norm):
+        curve = self._curve(evidence, norm)
+        if curve is None:
+            return _missing(self.id, "unbounded-eps cells")
+        (eps, top), (rise, where) = curve[-1], _rises(curve)
+        status = max(_grade(top, self.warn, self.fail), _grade(rise, self.warn, self.fail))
+        figure = f"{top:.1f}% at eps {eps:g} ({self.attacks[norm]}, {self.steps} steps)"
+        if _above(rise, self.warn):
+            reason = f"accuracy rises by {rise:.1f} points ({where}): " + RISE_REASON
+        elif status is Status.PASS:
+            reason = "accuracy falls to ~0 once the budget allows any image: the attack works"
+        else:
+            reason = (f"{top:.1f}% of images survive an eps that admits any image: the attack cannot follow the "
+                      "gradient (gradient masking) or is broken; robust accuracies of this row are not trustworthy")
+        return self._verdict(status, figure, reason, **{f"{e:g}": a for e, a in curve})
+
+    def plot(self, evidences, path):
+        def draw(evidence, norm):
+            curve = self._curve(evidence, norm)
+            if curve is None or evidence.clean is None:
+                return None
+            return [(0.0, 100 * float(evidence.clean.clean_correct[: self.examples].mean()))] + curve
+
+        return self._panels(evidences, path, draw, xlabel=lambda norm: f"eps ({norm.symbol})",
+                            ylabel=f"accuracy under PGD-{self.steps} (%)",
+                            title=lambda context, norm: f"unbounded eps at {norm.symbol}: accuracy must reach ~0")
+
+
+class _Sweep(PerNormCheck):
+    """Shared by the restart and step sweeps: one curve per defense and norm; warn while the last doubling still
+    helps, and flag accuracy that rises with the budget."""
+
+    x_label = ""
+    attacks = PGD
+
+    def _sweep_setup(self, eps, norms, attack, warn_drop, warn_rise, fail_rise):
+        self._setup(norms, attack)
+        self.eps_option = _per_norm(eps, "eps", lambda v, norm: float(check_eps(v, norm)), self.norms) or {}
+        self.warn_drop = _number(warn_drop, "warn_drop (points)")
+        self.warn_rise, self.fail_rise = _thresholds(warn_rise, fail_rise, "points of rise")
+
+    def eps_at(self, context, norm: Norm) -> float:
+        return self.eps_option.get(norm, rank_eps(context, norm))
+
+    def _curve(self, evidence, norm) -> list[tuple[int, float]] | None:
+        raise NotImplementedError
+
+    def _evaluate_at(self, evidence, norm):
+        curve = self._curve(evidence, norm)
+        if curve is None:
+            return _missing(self.id, "sweep cells")
+        (first_x, first), (half_x, half), (last_x, last) = curve[0], curve[-2] if len(curve) > 1 else curve[0], curve[-1]
+        drop = half - last
+        rise, where = _rises(curve)
+        figure = f"{first:.1f}% at {first_x} → {half:.1f}% at {half_x} → {last:.1f}% at {last_x} {self.x_label}"
+        details = {f"{x} {self.x_label}": a for x, a in curve}
+        if _above(rise, self.warn_rise):
+            return self._verdict(_grade(rise, self.warn_rise, self.fail_rise), figure,
+                                 f"accuracy rises by {rise:.1f} points with more {self.x_label} ({where}): "
+                                 + RISE_REASON, **details)
+        if _above(drop, self.warn_drop):
+            return self._verdict(Status.WARN, figure,
+                                 f"going from {half_x} to {last_x} {self.x_label} still lowers accuracy by {drop:.1f} "
+                                 f"points (> {self.warn_drop:g}): the attack has not converged; the board's numbers "
+                                 "overstate robustness", **details)
+        return self._verdict(Status.PASS, figure, f"going from {half_x} to {last_x} {self.x_label} lowers accuracy by "
+                             f"{drop:.1f} points (≤ {self.warn_drop:g}) and it never rises: converged", **details)
+
+    def plot(self, evidences, path):
+        return self._panels(evidences, path, self._curve, xlabel=lambda norm: self.x_label, log2_x=True,
+                            ylabel="robust accuracy (%)",
+                            title=lambda context, norm: f"{self.title}: PGD at {norm.symbol} eps {self.eps_at(context, norm):g}")
+
+
+@CHECKS.register("restart-sweep")
+class RestartSweep(_Sweep):
+    """Random-restart sweep (Shafahi et al. Table 10): an example counts as robust only if it survives every
+    restart so far; warn when the last doubling of restarts still lowers accuracy by more than `warn_drop` points."""
+
+    id, title, x_label = "restart-sweep", "Random-restart sweep", "restarts"
+
+    def __init__(self, *, restarts: int = 4, steps: int = 40, eps: dict | None = None, examples: int = 100,
+                 attack: str | None = None, norms: list | tuple | None = None, warn_drop: float = 1.0,
+                 warn_rise: float = 1.0, fail_rise: float = 5.0):
+        self.restarts, self.steps = _count(restarts, "restarts", 2), _count(steps, "steps")
+        self.examples = _count(examples, "examples")
+        self._sweep_setup(eps, norms, attack, warn_drop, warn_rise, fail_rise)
+
+    def _requests_at(self, context, norm):
+        # Only the examples every earlier restart left robust matter to the curve, so each restart attacks those.
+        eps = self.eps_at(context, norm)
+        return tuple(AttackRequest(self.name(norm, f"restart {r + 1}"), self.attacks[norm], (("steps", self.steps),),
+                                   eps, self.examples, restart=r, after=(self.name(norm, f"restart {r}"),) if r else ())
+                     for r in range(self.restarts))
+
+    def _curve(self, evidence, norm):
+        records = [evidence.requested.get(self.name(norm, f"restart {r + 1}")) for r in range(self.restarts)]
+        if any(r is None for r in records):
+            return None
+        survived = np.logical_and.accumulate([r.robust_correct for r in records])
+        points = sorted({1, *(2 ** i for i in range(1, self.restarts.bit_length())), self.restarts})
+        return [(n, 100 * float(survived[n - 1].mean())) for n in points if n <= self.restarts]
+
+
+@CHECKS.register("step-sweep")
+class StepSweep(_Sweep):
+    """Step-count sweep (Shafahi et al. Table 11): PGD with more and more steps (step size 2.5 eps / steps);
+    warn when the last doubling still lowers accuracy by more than `warn_drop` points."""
+
+    id, title, x_label = "step-sweep", "Step-count sweep", "steps"
+
+    def __init__(self, *, steps: list | tuple = (10, 20, 40, 80), eps: dict | None = None, examples: int = 100,
+                 attack: str | None = None, norms: list | tuple | None = None, warn_drop: float = 1.0,
+                 warn_rise: float = 1.0, fail_rise: float = 5.0):
+        if not isinstance(steps, (list, tuple)) or len(steps) < 2:
+            raise ValueError(f"steps must list at least two step counts, got {steps!r}")
+        self.steps = tuple(sorted(_count(s, "steps") for s in steps))
+        self.examples = _count(examples, "examples")
+        self._sweep_setup(eps, norms, attack, warn_drop, warn_rise, fail_rise)
+
+    def _requests_at(self, context, norm):
+        eps = self.eps_at(context, norm)
+        return tuple(AttackRequest(self.name(norm, f"steps {s}"), self.attacks[norm], (("steps", s),), eps,
+                                   self.examples) for s in self.steps)
+
+    def _curve(self, evidence, norm):
+        records = [evidence.requested.get(self.name(norm, f"steps {s}")) for s in self.steps]
+        if any(r is None for r in records):
+            return None
+        return [(s, r.robust_accuracy) for s, r in zip(self.steps, records)]
+
+
+class _BeatsWhiteBox(PerNormCheck):
+    """Shared by the gradient-free and transfer checks: an attack that runs on the examples every white-box
+    column of the matrix left standing at the same (norm, eps) must not break many of them."""
+
+    kind = ""  # how the weaker attack is described in figures and reasons
+
+    def _compare_setup(self, eps, norms, attack, warn_share, fail_share):
+        self._setup(norms, attack)
+        self.eps_option = _per_norm(eps, "eps", lambda v, norm: float(check_eps(v, norm)), self.norms) or {}
+        self.warn, self.fail = _thresholds(warn_share, fail_share, "% of examples")
+
+    def eps_at(self, context, norm: Norm) -> float:
+        return self.eps_option.get(norm, rank_eps(context, norm))
+
+    def norms_for(self, context):
+        """Only norms where the matrix has white-box columns at the check's eps: elsewhere there is no comparison."""
+        return tuple(norm for norm in super().norms_for(context)
+                     if any(c.norm is norm and self.eps_at(context, norm) in c.eps and c.family in ("one-step", "iterative")
+                            for c in context.columns))
+
+    def _request(self, context, norm, options, **extra) -> tuple[AttackRequest, ...]:
+        return (AttackRequest(self.name(norm, self.kind), self.attacks[norm], options, self.eps_at(context, norm),
+                              self.examples, survivors_of="white-box", **extra),)
+
+    def _evaluate_at(self, evidence, norm):
+        eps = self.eps_at(evidence.context, norm)
+        record, white = evidence.requested.get(self.name(norm, self.kind)), evidence.white_box(norm, eps)
+        if record is None or not white:
+            return _missing(self.id, f"{self.kind} cell or white-box columns")
+        n = len(record.robust_correct)
+        survived_white = np.logical_and.reduce([r.robust_correct[:n] for _, r in white])
+        only_weaker = 100 * float((survived_white & ~record.robust_correct).mean())
+        status = _grade(only_weaker, self.warn, self.fail)
+        label = self._label(norm)
+        figure = (f"white-box {100 * survived_white.mean():.1f}%, then {label} {record.robust_accuracy:.1f}% at "
+                  f"eps {eps:g}; {only_weaker:.1f}% of examples broken only by {label}")
+        reason = (f"the {self.kind} attack finds nothing the white-box attacks missed" if only_weaker == 0 else
+                  f"{only_weaker:.1f}% of examples fall only to the {self.kind} attack"
+                  + (" (within tolerance)" if status is Status.PASS else
+                     ": white-box gradients are masked or the white-box attacks are too weak"))
+        return self._verdict(status, figure, reason, **{"White-box": 100 * float(survived_white.mean()),
+                                                        f"Only {self.kind}": only_weaker})
+
+
+@CHECKS.register("gradient-free")
+class GradientFreeVsWhiteBox(_BeatsWhiteBox):
+    """A gradient-free attack (Square) on the examples every white-box column left standing (Carlini et al. 2019):
+    examples that only the gradient-free attack breaks mean the white-box gradients are masked."""
+
+    id, title, kind = "gradient-free", "Gradient-free vs white-box", "gradient-free"
+    attacks = SQUARE
+
+    def __init__(self, *, attack: str | None = None, queries: int = 1000, eps: dict | None = None,
+                 examples: int = 100, norms: list | tuple | None = None, warn_share: float = 2.0,
+                 fail_share: float = 10.0):
+        self.queries, self.examples = _count(queries, "queries"), _count(examples, "examples")
+        if attack is not None and ATTACKS.get(attack)().family != "gradient-free":
+            raise ValueError(f"attack {attack!r} is {ATTACKS.get(attack)().family}, not gradient-free, which this check needs")
+        self._compare_setup(eps, norms, attack, warn_share, fail_share)
+
+    def _label(self, norm):
+        return self.attacks[norm]
+
+    def _requests_at(self, context, norm):
+        return self._request(context, norm, (("queries", self.queries),))
+
+
+@CHECKS.register("transfer")
+class TransferVsWhiteBox(_BeatsWhiteBox):
+    """A transfer attack (Shafahi et al.'s black-box setting: PGD crafted on a separate source model) on the
+    examples every white-box column left standing: examples that only the transferred examples break mean the
+    target's own gradients are masked."""
+
+    id, title, kind = "transfer", "Transfer vs white-box", "transfer"
+    attacks = PGD
+
+    def __init__(self, *, source: str = "natural", attack: str | None = None, steps: int = 7, eps: dict | None = None,
+                 examples: int = 100, norms: list | tuple | None = None, warn_share: float = 2.0,
+                 fail_share: float = 10.0):
+        if not isinstance(source, str) or not source:
+            raise ValueError(f"source must name a defense of the benchmark, got {source!r}")
+        self.source, self.steps, self.examples = source, _count(steps, "steps"), _count(examples, "examples")
+        if attack is not None and ATTACKS.get(attack)(steps=self.steps).family not in ("one-step", "iterative"):
+            raise ValueError(f"attack {attack!r} is {ATTACKS.get(attack)().family}; a transfer attack needs the source's gradients")
+        self._compare_setup(eps, norms, attack, warn_share, fail_share)
+
+    def _label(self, norm):
+        return f"{self.attacks[norm]}-{self.steps} from {self.source}"
+
+    def _requests_at(self, context, norm):
+        if context.defenses and self.source not in context.defenses:
+            raise ValueError(f"source {self.source!r} is not a defense of this benchmark; defenses: {', '.join(context.defenses)}")
+        return self._request(context, norm, (("steps", self.steps),), source=self.source)
