@@ -10,6 +10,7 @@ missing ("not run"), never a pass.
 from __future__ import annotations
 
 import numpy as np
+from scipy import stats
 
 from attacks_ext.base import check_eps
 from attacks_ext.checks import (AttackRequest, Check, Status, Verdict, _above, _count, _grade, _line_styles,
@@ -125,13 +126,23 @@ class PerNormCheck(Check):
         return drawn
 
 
-def _rises(points: list[tuple[float, float]]) -> tuple[float, str]:
-    """The largest rise of accuracy from one point of a budget curve to a later one, and where."""
+def _rises(points: list[tuple[float, np.ndarray]], alpha: float = 0.05) -> tuple[float, str]:
+    """The largest rise of accuracy from one point of a budget curve (budget, per-example robust vector) to a later
+    one that is significant (exact one-sided McNemar test on the paired vectors, p < alpha), and where; (0, "")
+    when no rise is. Runs at different budgets are separate random draws, so a few examples moving either way are
+    noise, not a red flag."""
     best, where = 0.0, ""
-    for i, (x0, a0) in enumerate(points):
-        for x1, a1 in points[i + 1:]:
-            if a1 - a0 > best:
-                best, where = a1 - a0, f"{a0:.1f}% at {x0:g} → {a1:.1f}% at {x1:g}"
+    for i, (x0, v0) in enumerate(points):
+        for x1, v1 in points[i + 1:]:
+            gained, lost = int((v1 & ~v0).sum()), int((v0 & ~v1).sum())
+            rise = 100 * (gained - lost) / len(v0)
+            if rise <= best or not gained:
+                continue
+            p_value = stats.binomtest(gained, gained + lost, 0.5, alternative="greater").pvalue
+            if p_value < alpha:
+                best = rise
+                where = (f"{100 * v0.mean():.1f}% at {x0:g} → {100 * v1.mean():.1f}% at {x1:g}; {gained} examples "
+                         f"survive only the larger budget, {lost} only the smaller, McNemar p = {p_value:.2g}")
     return best, where
 
 
@@ -168,15 +179,19 @@ class UnboundedEps(PerNormCheck):
         return tuple(AttackRequest(self.name(norm, f"eps={e:g}"), self.attacks[norm], (("steps", self.steps),), e,
                                    self.examples) for e in self.eps[norm])
 
-    def _curve(self, evidence, norm):
+    def _vectors(self, evidence, norm):
         records = [evidence.requested.get(self.name(norm, f"eps={e:g}")) for e in self.eps[norm]]
-        return None if any(r is None for r in records) else [(e, r.robust_accuracy) for e, r in zip(self.eps[norm], records)]
+        return None if any(r is None for r in records) else [(e, r.robust_correct) for e, r in zip(self.eps[norm], records)]
+
+    def _curve(self, evidence, norm):
+        vectors = self._vectors(evidence, norm)
+        return None if vectors is None else [(e, 100 * float(v.mean())) for e, v in vectors]
 
     def _evaluate_at(self, evidence, norm):
         curve = self._curve(evidence, norm)
         if curve is None:
             return _missing(self.id, "unbounded-eps cells")
-        (eps, top), (rise, where) = curve[-1], _rises(curve)
+        (eps, top), (rise, where) = curve[-1], _rises(self._vectors(evidence, norm))
         status = max(_grade(top, self.warn, self.fail), _grade(rise, self.warn, self.fail))
         figure = f"{top:.1f}% at eps {eps:g} ({self.attacks[norm]}, {self.steps} steps)"
         if _above(rise, self.warn):
@@ -216,8 +231,13 @@ class _Sweep(PerNormCheck):
     def eps_at(self, context, norm: Norm) -> float:
         return self.eps_option.get(norm, rank_eps(context, norm))
 
-    def _curve(self, evidence, norm) -> list[tuple[int, float]] | None:
+    def _vectors(self, evidence, norm) -> list[tuple[int, np.ndarray]] | None:
+        """(budget, per-example robust vector) along the sweep; None while a cell is missing."""
         raise NotImplementedError
+
+    def _curve(self, evidence, norm) -> list[tuple[int, float]] | None:
+        vectors = self._vectors(evidence, norm)
+        return None if vectors is None else [(x, 100 * float(v.mean())) for x, v in vectors]
 
     def _evaluate_at(self, evidence, norm):
         curve = self._curve(evidence, norm)
@@ -225,7 +245,7 @@ class _Sweep(PerNormCheck):
             return _missing(self.id, "sweep cells")
         (first_x, first), (half_x, half), (last_x, last) = curve[0], curve[-2] if len(curve) > 1 else curve[0], curve[-1]
         drop = half - last
-        rise, where = _rises(curve)
+        rise, where = _rises(self._vectors(evidence, norm))
         figure = f"{first:.1f}% at {first_x} → {half:.1f}% at {half_x} → {last:.1f}% at {last_x} {self.x_label}"
         details = {f"{x} {self.x_label}": a for x, a in curve}
         if _above(rise, self.warn_rise):
@@ -267,13 +287,13 @@ class RestartSweep(_Sweep):
                                    eps, self.examples, restart=r, after=(self.name(norm, f"restart {r}"),) if r else ())
                      for r in range(self.restarts))
 
-    def _curve(self, evidence, norm):
+    def _vectors(self, evidence, norm):
         records = [evidence.requested.get(self.name(norm, f"restart {r + 1}")) for r in range(self.restarts)]
         if any(r is None for r in records):
             return None
         survived = np.logical_and.accumulate([r.robust_correct for r in records])
         points = sorted({1, *(2 ** i for i in range(1, self.restarts.bit_length())), self.restarts})
-        return [(n, 100 * float(survived[n - 1].mean())) for n in points if n <= self.restarts]
+        return [(n, survived[n - 1]) for n in points if n <= self.restarts]
 
 
 @CHECKS.register("step-sweep")
@@ -297,11 +317,11 @@ class StepSweep(_Sweep):
         return tuple(AttackRequest(self.name(norm, f"steps {s}"), self.attacks[norm], (("steps", s),), eps,
                                    self.examples) for s in self.steps)
 
-    def _curve(self, evidence, norm):
+    def _vectors(self, evidence, norm):
         records = [evidence.requested.get(self.name(norm, f"steps {s}")) for s in self.steps]
         if any(r is None for r in records):
             return None
-        return [(s, r.robust_accuracy) for s, r in zip(self.steps, records)]
+        return [(s, r.robust_correct) for s, r in zip(self.steps, records)]
 
 
 class _BeatsWhiteBox(PerNormCheck):

@@ -137,18 +137,33 @@ def test_the_reference_audit_fails_a_board_whose_columns_are_weak(tmp_path, mnis
 
 
 def test_convergence_indicators_flag_what_they_name():
-    check = AttackConvergence(steps=12, window=4)
+    check = AttackConvergence(steps=12, window=4, min_examples=2)
     rising = np.tile(np.arange(12, dtype=float), (4, 1))  # best loss still climbing at the end
     flat = np.tile(np.r_[np.arange(6), np.full(6, 5.0)], (4, 1))
-    base = {"pgd_correct": np.array([1, 1, 0, 0]), "clean_correct": np.ones(4), "loss_change": np.zeros(4),
-            "library_correct": np.array([1, 1, 0, 0]), "library_fooled_on_path": np.zeros(4)}
-    assert check.indicators({**base, "loss": rising})["incomplete optimization"] == (2, 2)
-    assert check.indicators({**base, "loss": flat})["incomplete optimization"] == (0, 2)
-    silent = {**base, "loss": flat, "library_fooled_on_path": np.array([1, 1, 1, 0])}
+    base = {"clean_correct": np.ones(4), "loss_change": np.zeros(4), "library_correct": np.array([1, 1, 0, 0]),
+            "library_fooled_on_path": np.zeros(4)}
+    assert check.indicators({**base, "best_loss": rising})["incomplete optimization"] == (2, 2)
+    assert check.indicators({**base, "best_loss": flat})["incomplete optimization"] == (0, 2)
+    silent = {**base, "best_loss": flat, "library_fooled_on_path": np.array([1, 1, 1, 0])}
     assert check.indicators(silent)["silent success"] == (2, 4)  # example 2 was fooled and kept fooled
-    shaky = {**base, "loss": flat, "loss_change": np.array([0.0, 0.9, 0.01, 0.5])}
+    shaky = {**base, "best_loss": flat, "loss_change": np.array([0.0, 0.9, 0.01, 0.5])}
     assert check.indicators(shaky)["unstable predictions"] == (2, 4)
-    evidence = Evidence("d", dataclasses.replace(CONTEXT, grid={Norm.LINF: (0.3,)}), {}, {},
-                        {"linf: convergence": dataclasses.replace(record([1]), measurements=silent)})
-    verdict = check.evaluate(evidence)
+    context = dataclasses.replace(CONTEXT, grid={Norm.LINF: (0.3,)})
+    verdict = check.evaluate(Evidence("d", context, {}, {}, {"linf: convergence": dataclasses.replace(record([1]), measurements=silent)}))
     assert verdict.status is Status.FAIL and "silent success" in verdict.reason
+    few = AttackConvergence(steps=12, window=4)  # 2 of 2 survivors still rising: too few examples to judge
+    probe = dataclasses.replace(record([1]), measurements={**base, "best_loss": rising})
+    assert few.evaluate(Evidence("d", context, {}, {}, {"linf: convergence": probe})).status is Status.PASS
+
+
+@pytest.mark.slow
+def test_the_path_recorder_sees_apgd_and_a_fooled_point(natural_model, mnist):
+    from attacks_ext.convergence_check import probe_attack_convergence
+
+    x, y = mnist.x_test[:20], mnist.y_test[:20]
+    out = probe_attack_convergence(natural_model, x, y, generator=torch.Generator().manual_seed(0), norm="linf",
+                                   eps=0.3, library_steps=10, noise_draws=2, noise_share=0.01)
+    assert out["best_loss"].shape[0] == 20 and out["best_loss"].shape[1] >= 10
+    broken = out["clean_correct"] & ~out["library_correct"]
+    assert broken.sum() > 10 and out["library_fooled_on_path"][broken].all()  # what it returned, it saw
+    assert (np.diff(out["best_loss"], axis=1) >= 0).all()

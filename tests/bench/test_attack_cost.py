@@ -34,7 +34,10 @@ EPS = {Norm.LINF: 0.3, Norm.L2: 2.0}
 # is timed on a defense by `python -m harness strength-per-cost` instead.
 OPTIONS = {
     "ta-apgd-ce": {"steps": 50}, "ta-apgd-ce-l2": {"steps": 50}, "ta-apgd-dlr": {"steps": 50},
+    "ta-apgd-dlr-l2": {"steps": 50}, "ta-apgd-t": {"steps": 50, "targets": 4}, "ta-apgd-t-l2": {"steps": 50, "targets": 4},
+    "ta-fab-t": {"steps": 20, "targets": 3}, "ta-fab-t-l2": {"steps": 20, "targets": 3},
     "autoattack-standard": {"steps": 10, "queries": 500}, "autoattack-standard-l2": {"steps": 10, "queries": 500},
+    "aa-standard": {"steps": 10, "queries": 500}, "aa-standard-l2": {"steps": 10, "queries": 500},
     "ta-autoattack": {"queries": 500}, "ta-autoattack-l2": {"queries": 500},
     "ta-deepfool": {"steps": 10}, "art-cw-l2": {"steps": 10, "binary_search_steps": 3},
     "art-hopskipjump": {"steps": 5, "queries": 100, "init_queries": 10},
@@ -49,7 +52,7 @@ def family(name: str) -> str:
     if attack.family in ("noise", "gradient-free", "one-step"):
         return attack.family
     base = name.removeprefix("ta-").removeprefix("art-")
-    if base.startswith("autoattack"):
+    if base.startswith(("autoattack", "aa-")):
         return "autoattack"
     if getattr(attack, "minimal", False):
         return "minimal-norm"
