@@ -150,8 +150,20 @@ RISE_REASON = ("accuracy rises with the attack's budget: a stronger attack must 
                "randomized or its gradients unstable; its robust accuracies are not trustworthy")
 
 
+class _BudgetCurve(PerNormCheck):
+    """A check that reads one curve per norm: accuracy against an attack's budget (eps, restarts, steps)."""
+
+    def _vectors(self, evidence, norm) -> list[tuple[float, np.ndarray]] | None:
+        """(budget, per-example robust vector) along the curve; None while a cell is missing."""
+        raise NotImplementedError
+
+    def _curve(self, evidence, norm) -> list[tuple[float, float]] | None:
+        vectors = self._vectors(evidence, norm)
+        return None if vectors is None else [(x, 100 * float(v.mean())) for x, v in vectors]
+
+
 @CHECKS.register("unbounded-eps")
-class UnboundedEps(PerNormCheck):
+class UnboundedEps(_BudgetCurve):
     """Unbounded eps (Carlini et al. 2019; Shafahi et al. Table 9): as eps grows towards the whole input range
     with more steps, accuracy must fall to about 0, and never rise; if it does not, gradients are masked or the
     attack is broken. L∞ 1 admits any image; at L2 the defaults reach 28, the diameter of a 28 x 28 image."""
@@ -183,10 +195,6 @@ class UnboundedEps(PerNormCheck):
         records = [evidence.requested.get(self.name(norm, f"eps={e:g}")) for e in self.eps[norm]]
         return None if any(r is None for r in records) else [(e, r.robust_correct) for e, r in zip(self.eps[norm], records)]
 
-    def _curve(self, evidence, norm):
-        vectors = self._vectors(evidence, norm)
-        return None if vectors is None else [(e, 100 * float(v.mean())) for e, v in vectors]
-
     def _evaluate_at(self, evidence, norm):
         curve = self._curve(evidence, norm)
         if curve is None:
@@ -215,7 +223,7 @@ class UnboundedEps(PerNormCheck):
                             title=lambda context, norm: f"unbounded eps at {norm.symbol}: accuracy must reach ~0")
 
 
-class _Sweep(PerNormCheck):
+class _Sweep(_BudgetCurve):
     """Shared by the restart and step sweeps: one curve per defense and norm; warn while the last doubling still
     helps, and flag accuracy that rises with the budget."""
 
@@ -230,14 +238,6 @@ class _Sweep(PerNormCheck):
 
     def eps_at(self, context, norm: Norm) -> float:
         return self.eps_option.get(norm, rank_eps(context, norm))
-
-    def _vectors(self, evidence, norm) -> list[tuple[int, np.ndarray]] | None:
-        """(budget, per-example robust vector) along the sweep; None while a cell is missing."""
-        raise NotImplementedError
-
-    def _curve(self, evidence, norm) -> list[tuple[int, float]] | None:
-        vectors = self._vectors(evidence, norm)
-        return None if vectors is None else [(x, 100 * float(v.mean())) for x, v in vectors]
 
     def _evaluate_at(self, evidence, norm):
         curve = self._curve(evidence, norm)

@@ -65,18 +65,24 @@ def _targets(targets, classes: int) -> int:
     return min(targets, classes - 1)
 
 
-def _apgd_targeted(name: str, norm: Norm, steps: int, targets: int) -> Attack:
-    import torchattacks
-
+def _targeted(name: str, norm: Norm, steps: int, targets: int, make) -> Attack:
+    """A torchattacks attack that goes through the `targets` highest wrong classes in turn;
+    `make(model, eps, steps, seed, classes)` builds it for one call."""
     steps, targets = _positive_int(steps, "steps"), _positive_int(targets, "targets")
 
     def build(model, eps, seed, *, classes):
-        attack = torchattacks.APGDT(model, norm=LIBRARY_NORMS[norm], eps=eps, steps=steps, n_restarts=1,
-                                    n_classes=classes, seed=seed)
-        attack.n_target_classes = _targets(targets, classes)  # the constructor fixes it at classes - 1
+        attack = make(model, eps, steps, seed, classes)
+        attack.n_target_classes = _targets(targets, classes)  # the constructors fix it at classes - 1
         return attack
 
     return TorchattacksAttack(name, norm, build, needs_classes=True)
+
+
+def _apgd_targeted(name: str, norm: Norm, steps: int, targets: int) -> Attack:
+    import torchattacks
+
+    return _targeted(name, norm, steps, targets, lambda model, eps, steps, seed, classes: torchattacks.APGDT(
+        model, norm=LIBRARY_NORMS[norm], eps=eps, steps=steps, n_restarts=1, n_classes=classes, seed=seed))
 
 
 @ATTACKS.register("ta-apgd-t")
@@ -94,15 +100,9 @@ def torchattacks_apgd_targeted_l2(*, steps: int = 100, targets: int = 9) -> Atta
 def _fab_targeted(name: str, norm: Norm, steps: int, targets: int) -> Attack:
     import torchattacks
 
-    steps, targets = _positive_int(steps, "steps"), _positive_int(targets, "targets")
-
-    def build(model, eps, seed, *, classes):
-        attack = torchattacks.FAB(model, norm=LIBRARY_NORMS[norm], eps=eps, steps=steps, n_restarts=1,
-                                  multi_targeted=True, n_classes=classes, seed=seed)
-        attack.n_target_classes = _targets(targets, classes)
-        return attack
-
-    return TorchattacksAttack(name, norm, build, needs_classes=True)
+    return _targeted(name, norm, steps, targets, lambda model, eps, steps, seed, classes: torchattacks.FAB(
+        model, norm=LIBRARY_NORMS[norm], eps=eps, steps=steps, n_restarts=1, multi_targeted=True, n_classes=classes,
+        seed=seed))
 
 
 @ATTACKS.register("ta-fab-t")

@@ -21,7 +21,7 @@ from torch import nn
 
 from attacks_ext.attack_checks import PGD, PerNormCheck, rank_eps
 from attacks_ext.checks import PROBES, ProbeRequest, Status, _count, _grade, _missing, _number, _thresholds
-from attacks_ext.pgd import project
+from attacks_ext.pgd import ascent_direction, project
 from harness.registry import ATTACKS, CHECKS
 from harness.threat import Norm
 
@@ -81,8 +81,8 @@ def probe_attack_convergence(model, x, y, *, generator, norm: str, eps: float, l
         changes = []
         for _ in range(noise_draws):
             direction = torch.rand(x.shape, generator=noise).to(x.device, x.dtype) * 2 - 1
-            if norm is Norm.L2:
-                direction = direction / direction.flatten(1).norm(dim=1).clamp_min(1e-12).view(-1, *[1] * (x.ndim - 1))
+            if norm is Norm.L2:  # a unit L2 step, as PGD's
+                direction = ascent_direction(direction, norm)
             moved = (x_adv + noise_share * eps * direction).clamp(0, 1)
             changes.append((F.cross_entropy(model(moved), y, reduction="none") - base).abs() / base.abs().clamp_min(1e-6))
     return {"best_loss": recorder.best_loss(), "clean_correct": clean_correct.cpu().numpy(),
