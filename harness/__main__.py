@@ -67,7 +67,7 @@ def _parser() -> argparse.ArgumentParser:
 
 def _strength(args) -> int:
     from harness import spec as spec_module, strength
-    from harness.matrix import resolve_device
+    from harness.preparation import resolve_device
     from harness.threat import Norm
 
     spec = spec_module.load(args.spec)
@@ -108,9 +108,10 @@ def _list(what: str) -> int:
 
 
 def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]:
-    from harness import report, spec as spec_module
+    from harness import boards, spec as spec_module
     from harness.data import load_dataset
-    from harness.matrix import resolve_device, run
+    from harness.matrix import run
+    from harness.preparation import resolve_device
     from harness.store import ResultStore
 
     spec = spec_module.load(args.spec)
@@ -129,7 +130,7 @@ def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]
                 raise SystemExit(f"harness: {len(summary.failed)} cells failed; leaderboard not written. "
                                  "Finished cells are kept in the store; fix the cause and run again.")
         command = f"python -m harness run {shlex.quote(str(args.spec))}"
-        paths = report.write(spec, store, data, out, command=command)
+        paths = boards.write(spec, store, data, out, command=command)
     for path in paths:
         print(f"harness: wrote {path}")
     return paths
@@ -178,7 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command in ("run", "report"):
             _run_and_render(args, args.home or default_home(), args.out, compute=args.command == "run")
             return 0
-        from harness import report
+        from harness import drift
         from harness.spec import load
 
         with tempfile.TemporaryDirectory(prefix="harness-check-") as scratch:
@@ -191,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     problems.append(f"{committed}: no committed board (run `python -m harness run {args.spec}`)")
                     continue
                 problems += [f"{committed.name}: {p}" for p in
-                             report.compare(committed.read_text(), path.read_text(), tolerance=args.tolerance)]
+                             drift.compare(committed.read_text(), path.read_text(), tolerance=args.tolerance)]
         if problems:
             print(f"harness check: committed boards drifted from the code ({len(problems)} differences beyond "
                   f"{args.tolerance} points):", file=sys.stderr)

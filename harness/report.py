@@ -1,8 +1,8 @@
-"""Leaderboards from the store: pandas frames rendered to markdown with tabulate, figures with matplotlib.
+"""The leaderboard from the store: aggregation into pandas frames and the main board's markdown (tabulate).
 
-Every number is computed here from the stored per-example vectors. `compare` parses two rendered
-leaderboards and lists the numbers that drifted, which is how CI proves the committed file matches
-the code.
+Every number is computed here from the stored per-example vectors. The other boards (`report_sanity`,
+`report_label_leak`), the figures (`report_figures`) and the drift check (`drift`) live beside it; `boards.write`
+writes them all.
 """
 from __future__ import annotations
 
@@ -10,17 +10,16 @@ import datetime
 import math
 import re
 from dataclasses import dataclass
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
 
 from harness.data import Dataset
-from harness.figures import pyplot, save_figure
-from harness.matrix import CLEAN, LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell, cascade_order, code_commit, library_versions, plan, runs_on_every_example
+from harness.cells import LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell
+from harness.matrix import cascade_order, plan, runs_on_every_example
+from harness.provenance import code_commit, library_versions
 from harness.spec import BenchmarkSpec
 from attacks_ext.checks import Check, Evidence, Status, Verdict
-from attacks_ext.label_leak import perturbation_probe_rows, robust_feature_rows, robust_feature_settings, score_label_leak
 from harness.store import CellRecord, ResultStore
 from harness.threat import Norm
 
@@ -243,74 +242,6 @@ def _markdown(frame: pd.DataFrame, digits: int = 1) -> str:
     return shown.to_markdown(index=False, disable_numparse=True, stralign="left")
 
 
-def figure_name(spec: BenchmarkSpec) -> str:
-    return f"{spec.name}-accuracy-vs-eps.png"
-
-
-def render_figure(board: Leaderboard, path: Path) -> None:
-    plt = pyplot()
-
-    norms = [norm for norm, _ in board.spec.eps]
-    fig, axes = plt.subplots(1, len(norms), figsize=(5 * len(norms), 3.8), squeeze=False)
-    for axis, norm in zip(axes[0], norms):
-        for defense, curves in board.curves.items():
-            points = curves.get(norm, [])
-            if points:
-                eps, accuracy = zip(*points)
-                axis.plot(eps, accuracy, marker="o", label=defense)
-        axis.set_xlabel(f"eps ({norm.symbol}, [0, 1] input units)")
-        axis.set_ylabel("worst-case robust accuracy (%)")
-        axis.set_ylim(-2, 102)
-        axis.grid(alpha=0.3)
-        axis.set_title(f"{board.spec.name}: {norm.symbol} threat model")
-    if axes[0][0].get_legend_handles_labels()[0]:
-        axes[0][0].legend(fontsize=8)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-
-
-def training_figure_name(spec: BenchmarkSpec) -> str:
-    return f"{spec.name}-training.png"
-
-
-def render_training_figure(board: Leaderboard, path: Path) -> None:
-    """One panel per trained defense: loss and clean / training-adversary / guard accuracy per epoch."""
-    plt = pyplot()
-
-    logs = {name: log for name, log in board.trainings.items() if log.get("epochs")}
-    if not logs:
-        return
-    columns = min(5, len(logs))
-    rows = -(-len(logs) // columns)
-    fig, axes = plt.subplots(rows, columns, figsize=(3.4 * columns, 2.8 * rows), squeeze=False)
-    for axis in axes.flat[len(logs):]:
-        axis.axis("off")
-    for axis, (name, log) in zip(axes.flat, logs.items()):
-        epochs = [e["epoch"] for e in log["epochs"]]
-        axis.plot(epochs, [e["clean_accuracy"] for e in log["epochs"]], label="clean acc. (1,000 training images)")
-        adversary = [e.get("adversary_accuracy") for e in log["epochs"]]
-        if any(a is not None for a in adversary):
-            axis.plot(epochs, [float("nan") if a is None else a for a in adversary], label="adversary acc.")
-        guard = [e.get("guard_pgd_accuracy") for e in log["epochs"]]
-        if any(g is not None for g in guard):
-            axis.plot(epochs, [float("nan") if g is None else g for g in guard], label="guard PGD acc.")
-        axis.set_ylim(0, 1.02)
-        axis.set_title(name, fontsize=9)
-        axis.set_xlabel("epoch", fontsize=8)
-        loss_axis = axis.twinx()
-        loss_axis.plot(epochs, [e["loss"] for e in log["epochs"]], color="gray", linestyle="--", label="loss")
-        loss_axis.tick_params(labelsize=7, colors="gray")
-        axis.tick_params(labelsize=7)
-    handles = [h for axis in axes.flat[: len(logs)] for h in axis.get_legend_handles_labels()[0]]
-    labels = [label for axis in axes.flat[: len(logs)] for label in axis.get_legend_handles_labels()[1]]
-    unique = dict(zip(labels, handles))
-    unique["loss (right axis)"] = plt.Line2D([], [], color="gray", linestyle="--")
-    fig.legend(unique.values(), unique.keys(), loc="lower center", ncol=len(unique), fontsize=8)
-    fig.suptitle(f"{board.spec.name}: training curves", fontsize=10)
-    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
-    save_figure(fig, path, dpi=100)
-
-
 def render_markdown(board: Leaderboard, *, command: str, figure: str, training_figure: str | None = None) -> str:
     spec = board.spec
     today = datetime.date.today().isoformat()
@@ -404,285 +335,9 @@ def _spending(costs: pd.DataFrame) -> str:
     return "Model evaluations spent of naive: " + "; ".join(parts) + total + "."
 
 
-def render_sanity(board: Leaderboard, out_dir: Path, *, command: str) -> str:
-    """The sanity board: a verdict matrix, each defense's verdicts with their figures and reasons, and per
-    check its detail table and plot. Writes the plots under `out_dir/figures`; returns the markdown."""
-    spec = board.spec
-    names = [d.name for d in spec.defenses]
-    order = list(board.summary["Defense"])
-
-    def status_text(verdict: Verdict) -> str:
-        return "missing" if verdict.status is None else verdict.status.label
-
-    lines = [
-        f"# Sanity checks: {spec.name}",
-        "",
-        f"Generated by `{command}` from the results store; code commit `{', '.join(board.commits) or code_commit()}`; "
-        f"{datetime.date.today().isoformat()}. Never edit by hand.",
-        "",
-        "Each check is a pure function of stored per-example results (the matrix's cells plus the extra cells and "
-        "probes it asks for, computed by the same runner) that returns **pass**, **warn** or **fail**, the figure that "
-        "decided it and a short reason. A defense's verdict on the leaderboard is the worst of its checks; a defense "
-        "that fails ranks below every other. Thresholds are options of each check in the benchmark TOML.",
-        "",
-        "## Verdicts",
-        "",
-    ]
-    matrix = pd.DataFrame([{"Defense": name, "Verdict": MISSING_VERDICT if overall(board.verdicts[name]) is None
-                            else overall(board.verdicts[name]).label,
-                            **{check_id: status_text(board.verdicts[name][check_id]) for check_id in board.checks}}
-                           for name in order])
-    lines += [_markdown(matrix), ""]
-    for name in order:
-        rows = pd.DataFrame([{"Check": check_id, "Verdict": status_text(v), "Figure": v.figure or MISSING,
-                              "Reason": v.reason} for check_id, v in board.verdicts[name].items()])
-        lines += [f"## Defense: {name}", "", _markdown(rows), ""]
-    for check_spec in spec.checks:
-        check_id, check = check_spec.check_id, board.checks[check_spec.check_id]
-        doc = " ".join((type(check).__doc__ or "").split())
-        lines += [f"## Check: {check.title} (`{check_id}`)", "", doc, ""]
-        options = ", ".join(f"{k}={v}" for k, v in check_spec.options)
-        lines += [f"Options: {options or 'defaults'}.", ""]
-        details = pd.DataFrame([{"Defense": name, "Verdict": status_text(board.verdicts[name][check_id]),
-                                 **board.verdicts[name][check_id].details} for name in order])
-        lines += [_markdown(details, digits=1), ""]
-        figure = Path("figures") / f"{spec.name}-sanity-{check_id}.png"
-        if check.plot({name: board.evidence[check_id][name] for name in names}, out_dir / figure):
-            lines += [f"![{check.title}]({figure.as_posix()})", ""]
-    return "\n".join(lines)
-
-
 def _guard_note(training: dict) -> str:
     guard = training.get("guard")
     if not guard:
         return "did not fire" if any("guard_pgd_accuracy" in e for e in training.get("epochs", [])) else "off"
     return (f"fired at epoch {guard['epoch']}: PGD accuracy {100 * guard['pgd_accuracy']:.0f}% after "
             f"{100 * guard['best_pgd_accuracy']:.0f}% at epoch {guard['best_epoch']} ({guard['action']})")
-
-
-def label_leak_frame(board: Leaderboard) -> pd.DataFrame:
-    """One row per (defense, twin pair, eps): Kurakin's leaked-label count from the stored vectors."""
-    spec, found = board.spec, board.outcomes
-    attacks = {a.label: a for a in spec.attacks}
-    rows = []
-    for defense in spec.defenses:
-        clean = found[(defense.name, CLEAN, 0.0)]
-        for true_label, free in spec.label_leak_pairs:
-            for eps in attacks[true_label].eps:
-                a, b = found[(defense.name, true_label, eps)], found[(defense.name, free, eps)]
-                row = {"Defense": defense.name, "Twins": f"{true_label} / {free}", "eps": f"ε={eps:g}"}
-                if clean is None or a is None or b is None:
-                    rows.append(row)
-                    continue
-                score = score_label_leak(clean.clean_correct, a.adv_correct, b.adv_correct)
-                row.update({"Clean": 100 * score.clean_accuracy, "True-label adv.": 100 * score.true_label_accuracy,
-                            "Label-free adv.": 100 * score.label_free_accuracy, "Leaked": score.leaked,
-                            "Reverse": score.reverse, "Bound: clean errors": score.clean_errors,
-                            "Leaked %": 100 * score.leaked_rate, "Adv. > clean": "yes" if score.signature else "no"})
-                rows.append(row)
-    return pd.DataFrame(rows)
-
-
-def render_label_leak_figure(spec: BenchmarkSpec, frame: pd.DataFrame, path: Path) -> None:
-    """Accuracy vs eps under the true-label attack (solid) and its label-free twin (dashed), per defense."""
-    plt = pyplot()
-
-    pairs = list(dict.fromkeys(frame["Twins"]))
-    fig, axes = plt.subplots(1, len(pairs), figsize=(6 * len(pairs), 4.2), squeeze=False)
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    for axis, pair in zip(axes[0], pairs):
-        for index, (defense, rows) in enumerate(frame[frame["Twins"] == pair].groupby("Defense", sort=False)):
-            rows = rows.dropna(subset=["Clean"])
-            if rows.empty:
-                continue
-            eps = [0.0] + [float(e.removeprefix("ε=")) for e in rows["eps"]]
-            color = colors[index % len(colors)]
-            axis.plot(eps, [rows["Clean"].iloc[0]] + list(rows["True-label adv."]), color=color, marker="o", label=defense)
-            axis.plot(eps, [rows["Clean"].iloc[0]] + list(rows["Label-free adv."]), color=color, marker="x", linestyle="--")
-        axis.set_title(f"{spec.name}: {pair} (solid: true label, dashed: label-free)", fontsize=9)
-        axis.set_xlabel("eps")
-        axis.set_ylabel("accuracy on adversarial examples (%)")
-        axis.set_ylim(-2, 102)
-        axis.grid(alpha=0.3)
-        if axis.get_legend_handles_labels()[0]:
-            axis.legend(fontsize=7, ncol=2)
-    fig.tight_layout()
-    save_figure(fig, path, dpi=110)
-
-
-def perturbation_probe_frame(board: Leaderboard) -> pd.DataFrame:
-    """One row per (defense, gradient label): held-out accuracy of the linear probes, from the stored cell."""
-    rows = []
-    for defense in board.spec.defenses:
-        record = board.perturbation.get(defense.name)
-        if record is None:
-            rows.append({"Defense": defense.name})
-            continue
-        rows += [{"Defense": defense.name, **row} for row in perturbation_probe_rows(record.measurements)]
-    return pd.DataFrame(rows)
-
-
-def robust_features_section(spec: BenchmarkSpec, record: CellRecord | None) -> list[str]:
-    """The label-leak board's robust-feature leakage section (Ilyas et al.'s data sets, Goh's lower bound)."""
-    if not spec.robust_features:
-        return []
-    o = robust_feature_settings(dict(spec.robust_features))
-    lines = [
-        "## Robust-feature leakage",
-        "",
-        f"Ilyas et al.'s data sets, built on the `{o['source']}` model from the first {o['train_examples']:,} training "
-        f"images: targeted L2 PGD ({o['steps']} steps, eps {o['eps']:g}) towards a new label, and the image relabelled "
-        "with it: **D_rand** a uniformly random other class, **D_det** the next class, (y + 1) mod C. **Target "
-        "reached** is how often the attack made the model predict its target. A fresh "
-        f"`{o['network']}` trained on each data set (natural recipe, {o['epochs']} epochs) is tested on the clean "
-        f"test examples (**Network → clean test**). Goh's lower bound on how much of that comes from robust "
-        "features leaking into the attacks: a linear classifier (ridge regression on one-hot labels) fitted on the "
-        f"same data set but seeing only the 10 features w_i·x of a robust linear model (trained on the clean training "
-        f"images against its exact worst case in an L2 ball of radius {o['radius']:g}) is tested the same way "
-        "(**Robust linear features → clean test**). Accuracy far above chance from robust features alone says the "
-        "attacks planted features a robust model can see, not only non-robust ones.",
-        "",
-    ]
-    if record is None:
-        return lines + ["_Not run yet: the cell is missing from the store._", ""]
-    m = record.measurements
-    true = np.asarray(m["true_label"])
-    lines += [_markdown(pd.DataFrame(robust_feature_rows(m)), digits=1), "",
-              f"The robust linear model itself: {100 * float((m['linear_predictions'] == true).mean()):.1f}% clean test "
-              f"accuracy; its prediction is certified constant in the L2 ball of radius {o['radius']:g} on "
-              f"{100 * float(np.asarray(m['linear_certified']).mean()):.1f}% of the test examples (Goh's specification "
-              "2 asks for at least 80%).", ""]
-    return lines
-
-
-def render_label_leak_markdown(spec: BenchmarkSpec, frame: pd.DataFrame, *, command: str, commit: str, figure: str,
-                               probe: pd.DataFrame | None = None, robust_features: list[str] = ()) -> str:
-    lines = [
-        f"# Label leaking: {spec.name}",
-        "",
-        f"Generated by `{command}` from the results store; code commit `{commit}`; {datetime.date.today().isoformat()}. "
-        "Never edit by hand.",
-        "",
-        "Kurakin et al. 2017: an example is **leaked** when the model classifies the true-label one-step adversarial "
-        "example correctly but misclassifies its twin built without the true label; **Reverse** counts the opposite. "
-        "Accuracies here are plain accuracy on the adversarial examples (not clean-and-adversarial). "
-        "**Bound:** with FGSM-pred as the twin, the two examples are identical wherever the clean prediction is "
-        "right, so Leaked + Reverse can never exceed the clean errors. **Adv. > clean** is the label-leaking "
-        f"signature: accuracy on true-label adversarial examples above clean accuracy. {spec.eval_examples} test examples.",
-        "",
-        "## Leaked-label counts",
-        "",
-        _markdown(frame),
-        "",
-        f"![accuracy vs eps, true-label and label-free]({figure})",
-        "",
-    ]
-    if probe is not None:
-        lines += [
-            "## Perturbation probe",
-            "",
-            "Does the one-step perturbation itself carry the label? A linear classifier (ridge regression on "
-            "one-hot labels, ridge 100, 5-fold cross-validated on the same test examples) sees only the sign of the input gradient, "
-            "mapped to clip(sign(g) + 1, 0, 1), and predicts the true label (**→ true label**) or the label that "
-            "built the gradient (**→ its own label**); **Raw pixels** is the same classifier on the images, "
-            "**Chance** the most frequent label's share. The gradient is built from the true, the predicted, the "
-            "least-likely and a random wrong label. A perturbation from the true label that predicts it far better "
-            "than the pixels do carries the label; compare with the wrong-label rows before reading it as leaking: "
-            "any class-conditional gradient encodes the class it was built from.",
-            "",
-            _markdown(probe),
-            "",
-        ]
-    return "\n".join(lines + list(robust_features))
-
-
-def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path, *, command: str) -> list[Path]:
-    """Render `<out_dir>/<name>.md` with its figures, and the label-leak board when the spec pairs twins;
-    returns the markdown paths."""
-    board = build(spec, store, data)
-    figure = Path("figures") / figure_name(spec)
-    render_figure(board, out_dir / figure)
-    training_figure = Path("figures") / training_figure_name(spec)
-    render_training_figure(board, out_dir / training_figure)
-    path = out_dir / f"{spec.name}.md"
-    path.write_text(render_markdown(board, command=command, figure=figure.as_posix(),
-                                    training_figure=training_figure.as_posix() if any(log.get("epochs") for log in board.trainings.values()) else None))
-    paths = [path]
-    if spec.checks:
-        sanity_path = out_dir / sanity_file(spec)
-        sanity_path.write_text(render_sanity(board, out_dir, command=command))
-        paths.append(sanity_path)
-    if spec.label_leak_pairs:
-        frame = label_leak_frame(board)
-        leak_figure = Path("figures") / f"{spec.name}-label-leaking.png"
-        render_label_leak_figure(spec, frame, out_dir / leak_figure)
-        leak_path = out_dir / ("label-leaking.md" if spec.name == "mnist-quick" else f"{spec.name}-label-leaking.md")
-        leak_path.write_text(render_label_leak_markdown(
-            spec, frame, command=command, figure=leak_figure.as_posix(), commit=", ".join(board.commits) or code_commit(),
-            probe=perturbation_probe_frame(board) if spec.perturbation_probe else None,
-            robust_features=robust_features_section(spec, board.robust_features)))
-        paths.append(leak_path)
-    return paths
-
-
-# --- drift check ------------------------------------------------------------------------------------
-
-NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
-NUMBERS_IN_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
-KEY_HEADERS = {"Defense", "Twins", "eps", "Check", "Column", "Gradient", "Data set"}  # leading columns that name a row
-
-
-def _same_text(committed: str, fresh: str, tolerance: float) -> bool:
-    """Text cells match when their words agree and the numbers inside them agree within `tolerance`."""
-    if committed == fresh:
-        return True
-    words_old, words_new = NUMBERS_IN_TEXT.split(committed), NUMBERS_IN_TEXT.split(fresh)
-    numbers_old, numbers_new = NUMBERS_IN_TEXT.findall(committed), NUMBERS_IN_TEXT.findall(fresh)
-    return words_old == words_new and len(numbers_old) == len(numbers_new) and all(
-        abs(float(a) - float(b)) <= tolerance for a, b in zip(numbers_old, numbers_new))
-
-
-def parse_tables(markdown: str) -> dict[tuple[str, str, str], str]:
-    """{(section heading, row key, column header): cell text} for every pipe table; a row's key is its
-    leading cells under naming headers (Defense, Twins, eps, Check, Column), at least the first cell."""
-    cells, heading, header = {}, "", None
-    for line in markdown.splitlines():
-        if line.startswith("#"):
-            heading, header = line.lstrip("#").strip(), None
-            continue
-        if not line.startswith("|"):
-            header = None
-            continue
-        parts = [part.strip() for part in line.strip().strip("|").split("|")]
-        if header is None:
-            header = parts
-        elif not all(set(part) <= set(":-") for part in parts):
-            leading = next((i for i, name in enumerate(header) if name not in KEY_HEADERS), len(header))
-            leading = max(1, leading)
-            row = " | ".join(parts[:leading])
-            for column, value in zip(header[leading:], parts[leading:]):
-                cells[(heading, row, column)] = value
-    return cells
-
-
-def compare(committed: str, regenerated: str, *, tolerance: float = 1.0) -> list[str]:
-    """Differences beyond `tolerance` (percentage points) between two leaderboards, ignoring cost sections."""
-    old, new = parse_tables(committed), parse_tables(regenerated)
-    problems = []
-    for key, value in old.items():
-        heading, row, column = key
-        if "cost" in heading.lower():
-            continue
-        if key not in new:
-            problems.append(f"[{heading}] row {row!r} column {column!r} is missing from the regenerated leaderboard")
-            continue
-        fresh = new[key]
-        if NUMBER.match(value) and NUMBER.match(fresh):
-            if abs(float(value) - float(fresh)) > tolerance:
-                problems.append(f"[{heading}] {row} / {column}: committed {value}, regenerated {fresh}")
-        elif not _same_text(value, fresh, tolerance):
-            problems.append(f"[{heading}] {row} / {column}: committed {value!r}, regenerated {fresh!r}")
-    for key in new.keys() - old.keys():
-        if "cost" not in key[0].lower():
-            problems.append(f"[{key[0]}] row {key[1]!r} column {key[2]!r} is new: the committed leaderboard lacks it")
-    return problems

@@ -17,13 +17,14 @@ from __future__ import annotations
 import inspect
 import math
 import tomllib
-from dataclasses import dataclass
 from pathlib import Path
 
 import harness.plugins  # noqa: F401  (every registry entry must exist before a spec is checked)
-from attacks_ext.base import Attack, check_eps
-from defenses.recipes import Recipe, build_recipe
+from attacks_ext.base import check_eps
+from defenses.recipes import build_recipe
 from harness.registry import ATTACKS, CHECKS, DATASETS, MODELS, check_keywords
+from harness.spec_types import (AttackSpec, BenchmarkSpec, CheckSpec, DefenseSpec, ExternalModel,  # noqa: F401
+                                _context)
 from harness.threat import Norm
 
 
@@ -33,101 +34,6 @@ class SpecError(ValueError):
 
 def _fail(path: Path | str, key: str, message: str):
     raise SpecError(f"{path}: [{key}] {message}")
-
-
-@dataclass(frozen=True)
-class ExternalModel:
-    """A user's model: an importable factory plus safetensors weights; never trained here."""
-
-    factory: str
-    weights: Path
-    options: tuple[tuple[str, object], ...] = ()
-
-
-@dataclass(frozen=True)
-class DefenseSpec:
-    """One leaderboard row: a recipe we train, or an external model a user brings."""
-
-    name: str
-    recipe: Recipe | None = None
-    external: ExternalModel | None = None
-
-    @property
-    def kind(self) -> str:
-        return "external" if self.external is not None else "trained"
-
-
-@dataclass(frozen=True)
-class AttackSpec:
-    """One leaderboard column group: an attack with fixed options, run at each eps of its grid."""
-
-    label: str
-    attack_id: str
-    options: tuple[tuple[str, object], ...]
-    norm: Norm
-    eps: tuple[float, ...]
-    source: str | None = None  # a transfer (black-box) column: examples crafted on this defense's model
-
-    @property
-    def family(self) -> str:
-        """The attack's family; 'transfer' for a column crafted on another model."""
-        return "transfer" if self.source is not None else self.build().family
-
-    def build(self) -> Attack:
-        return ATTACKS.get(self.attack_id)(**dict(self.options))
-
-
-@dataclass(frozen=True)
-class CheckSpec:
-    """One sanity check with fixed options; its verdicts become the leaderboard's Sanity column."""
-
-    check_id: str
-    options: tuple[tuple[str, object], ...]
-
-    def build(self):
-        return CHECKS.get(self.check_id)(**dict(self.options))
-
-
-@dataclass(frozen=True)
-class BenchmarkSpec:
-    name: str
-    path: Path
-    dataset: str
-    dataset_options: tuple[tuple[str, object], ...]
-    seed: int
-    eval_examples: int
-    batch_size: int
-    eps: tuple[tuple[Norm, tuple[float, ...]], ...]
-    defenses: tuple[DefenseSpec, ...]
-    attacks: tuple[AttackSpec, ...]
-    rank_by: tuple[Norm, float]
-    label_leak_pairs: tuple[tuple[str, str], ...] = ()  # (true-label column, label-free twin column)
-    checks: tuple[CheckSpec, ...] = ()
-    cascade: bool = False  # attack columns run on the examples still robust (harness.matrix's docstring)
-    perturbation_probe: bool = False  # [label_leak] perturbation_probe: linear probes on sign-gradient perturbations
-    robust_features: tuple[tuple[str, object], ...] = ()  # [label_leak] robust_features: source defense and options
-    eot_samples: int = 8  # forward passes attacks average on a model whose outputs are randomized (EOT)
-
-    @property
-    def label_leak_columns(self) -> frozenset[str]:
-        """The columns named by a label-leak pair: they run on every example, cascade or not."""
-        return frozenset(label for pair in self.label_leak_pairs for label in pair)
-
-    def eps_grid(self, norm: Norm) -> tuple[float, ...]:
-        return dict(self.eps).get(norm, ())
-
-    def check_context(self):
-        from attacks_ext.checks import Context
-
-        return _context(dict(self.eps), self.rank_by, self.eval_examples, self.defenses, self.attacks, self.cascade)
-
-
-def _context(grid, rank_by, eval_examples, defenses, attacks, cascade):
-    from attacks_ext.checks import Column, Context
-
-    columns = tuple(Column(a.label, a.norm, a.family, a.eps, a.attack_id, a.options) for a in attacks)
-    return Context(grid=grid, rank_by=rank_by, eval_examples=eval_examples,
-                   defenses=tuple(d.name for d in defenses), columns=columns, cascade=cascade)
 
 
 BENCHMARK_KEYS = {"name", "dataset", "dataset_options", "seed", "eval_examples", "batch_size", "rank_by", "cascade",

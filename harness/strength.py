@@ -20,8 +20,11 @@ import numpy as np
 import torch
 
 from harness.data import Dataset, load_dataset
-from harness.matrix import (CellOutcome, CellRunner, _cell, code_commit, evaluate_cell, library_versions, plan,
-                            prepare_defenses)
+from harness.cells import _cell
+from harness.evaluation import CellOutcome, CellRunner, evaluate_cell
+from harness.matrix import plan
+from harness.preparation import prepare_defenses
+from harness.provenance import code_commit, library_versions
 from harness.spec import AttackSpec, BenchmarkSpec
 from harness.threat import Norm
 

@@ -14,7 +14,9 @@ from harness.models import InputQuantization
 from harness import report
 from harness import spec as spec_module
 from harness.counting import EvaluationCounter
-from harness.matrix import evaluate_cell, plan, prepare_defenses, run
+from harness.evaluation import evaluate_cell
+from harness.matrix import plan, run
+from harness.preparation import prepare_defenses
 from harness.registry import ATTACKS
 from harness.store import ResultStore
 from harness.threat import Norm

@@ -9,6 +9,7 @@ from safetensors.torch import save_file
 
 from attacks_ext.attack_checks import RestartSweep, StepSweep
 from attacks_ext.checks import Column, Context, Evidence, FgsmDirectionLoss, GradientNormTrace, MonotoneInEps, Status
+from harness import drift, report_sanity
 from harness import report, spec as spec_module
 from harness.matrix import run
 from harness.models import InputQuantization
@@ -112,7 +113,7 @@ def planted_board(tmp_path_factory, natural_model, mnist):
         summary = run(spec, store=store, cache_dir=folder / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
         assert summary.failed == []
         board = report.build(spec, store, mnist)
-        sanity = report.render_sanity(board, folder / "out", command="test")
+        sanity = report_sanity.render_sanity(board, folder / "out", command="test")
     return board, sanity, folder
 
 
@@ -285,9 +286,9 @@ def test_check_options_are_validated_with_the_key(tmp_path, table, message):
 
 def test_compare_tolerates_numbers_inside_text_within_the_tolerance():
     board = "## Defense: a\n\n| Check | Verdict | Figure |\n|:--|:--|:--|\n| zero-gradients | pass | median 1.84e+00, 12.5% |\n"
-    assert report.compare(board, board.replace("12.5%", "13.1%")) == []
-    assert report.compare(board, board.replace("12.5%", "15.0%"))
-    assert report.compare(board, board.replace("pass", "warn"))
+    assert drift.compare(board, board.replace("12.5%", "13.1%")) == []
+    assert drift.compare(board, board.replace("12.5%", "15.0%"))
+    assert drift.compare(board, board.replace("pass", "warn"))
 
 
 def test_probe_measurements_round_trip_and_an_old_store_gains_the_column(tmp_path):
@@ -333,7 +334,8 @@ def test_per_example_probes_stream_their_examples_in_batches(natural_model, mnis
     the test set grows), and gives what it gives on all the examples at once."""
     from attacks_ext import checks
     from attacks_ext.checks import PROBES, ProbeRequest
-    from harness.matrix import Cell, evaluate_probe
+    from harness.cells import Cell
+    from harness.evaluation import evaluate_probe
 
     seen, probe = [], PROBES[probe_id]
     monkeypatch.setitem(PROBES, probe_id, lambda model, x, y, **kw: seen.append(len(x)) or probe(model, x, y, **kw))

@@ -5,6 +5,7 @@ import torch
 
 from attacks_ext.label_leak import (certified_static, fit_robust_linear, held_out_predictions, perturbation_probe_rows,
                                     probe_perturbation_labels, relabelled_targets, score_label_leak)
+from harness import boards, drift
 from harness import report, spec as spec_module
 from harness.matrix import plan, run
 from harness.registry import ATTACKS
@@ -71,7 +72,7 @@ def test_board_from_stored_vectors(tmp_path, mnist):
             vectors[(cell.label, cell.eps)] = adv
             store.write_cell(CellRecord(cell.key, "t", cell.defense, cell.defense_key, cell.label, "x", {}, cell.norm,
                                         cell.eps, clean, adv, 1.0, 1, 1, cell.seed, {}, "c", "cpu", "now"))
-        paths = report.write(spec, store, mnist, tmp_path / "out", command="test")
+        paths = boards.write(spec, store, mnist, tmp_path / "out", command="test")
     assert [p.name for p in paths] == ["tiny.md", "tiny-label-leaking.md"]
     markdown = paths[1].read_text()
     expected = score_label_leak(clean, vectors[("fgsm", 0.3)], vectors[("fgsm-pred", 0.3)])
@@ -80,7 +81,7 @@ def test_board_from_stored_vectors(tmp_path, mnist):
     assert int(cells[6]) == expected.leaked and int(cells[7]) == expected.reverse and int(cells[8]) == expected.clean_errors
     assert (tmp_path / "out" / "figures" / "tiny-label-leaking.png").is_file()
     # the drift check tells rows apart by their leading text cells (defense, twins, eps)
-    tables = report.parse_tables(markdown)
+    tables = drift.parse_tables(markdown)
     assert ("Leaked-label counts", "natural | fgsm / fgsm-pred | ε=0.3", "Leaked") in tables
 
 
@@ -125,8 +126,8 @@ def test_perturbation_probe_on_the_board(tmp_path, mnist, natural_model):
             store.write_cell(CellRecord(cell.key, "t", cell.defense, cell.defense_key, cell.label, "x", {}, cell.norm,
                                         cell.eps, clean, clean, 1.0, 1, 1, cell.seed, {}, "c", "cpu", "now",
                                         measurements=measurements))
-        paths = report.write(spec, store, mnist, tmp_path / "out", command="test")
-    tables = report.parse_tables(paths[1].read_text())
+        paths = boards.write(spec, store, mnist, tmp_path / "out", command="test")
+    tables = drift.parse_tables(paths[1].read_text())
     assert {row for heading, row, _ in tables if heading == "Perturbation probe"} == {"natural | true", "natural | predicted",
                                                                                     "natural | least-likely", "natural | random"}
     path.write_text(LEAK_SPEC + "perturbation_probe = 1\n")
@@ -150,13 +151,13 @@ def test_robust_feature_leakage_runs_as_a_cell_and_renders_on_the_board(tmp_path
         assert summary.failed == []
         board = report.build(spec, store, mnist)
         record = board.robust_features
-        markdown = report.write(spec, store, mnist, tmp_path / "out", command="test")[1].read_text()
+        markdown = boards.write(spec, store, mnist, tmp_path / "out", command="test")[1].read_text()
     m = record.measurements
     assert np.array_equal(m["true_label"], mnist.y_test[:60].numpy())
     assert 0 < m["rand_reached"][0] <= 1 and len(m["det_network_predictions"]) == 60
     assert record.gradient_evals == 2 * 300 * 5  # both data sets: every training image, every step
     assert board.costs.set_index("Defense").loc["natural", "Eval grad"] >= record.gradient_evals
-    tables = report.parse_tables(markdown)
+    tables = drift.parse_tables(markdown)
     rows = {row for heading, row, _ in tables if heading == "Robust-feature leakage"}
     assert rows == {"D_rand (random other class)", "D_det (y + 1 mod C)"}
     assert "certified constant in the L2 ball of radius 0.25" in markdown

@@ -8,8 +8,10 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
+from harness import drift
 from harness import report, spec as spec_module
-from harness.matrix import SequentialExecutor, plan, run
+from harness.evaluation import SequentialExecutor
+from harness.matrix import plan, run
 from harness.spec import AttackSpec
 from harness.store import ResultStore
 
@@ -179,11 +181,11 @@ def test_external_model_goes_through_the_same_matrix(tmp_path, mnist, monkeypatc
 def test_compare_flags_drift_and_missing_rows():
     committed = "## Ranking\n\n| Defense | Clean | Worst L∞ 0.3 |\n|:--|:--|:--|\n| a | 97.0 | 70.0 |\n| b | 95.0 | 0.0 |\n" \
                 "\n## Measured cost\n\n| Defense | Eval s |\n|:--|:--|\n| a | 10.0 |\n"
-    assert report.compare(committed, committed) == []
-    assert report.compare(committed, committed.replace("70.0", "70.9").replace("10.0", "99.0")) == []
-    drifted = report.compare(committed, committed.replace("70.0", "68.5"))
+    assert drift.compare(committed, committed) == []
+    assert drift.compare(committed, committed.replace("70.0", "70.9").replace("10.0", "99.0")) == []
+    drifted = drift.compare(committed, committed.replace("70.0", "68.5"))
     assert drifted == ["[Ranking] a / Worst L∞ 0.3: committed 70.0, regenerated 68.5"]
-    assert any("missing" in p for p in report.compare(committed, committed.replace("| b | 95.0 | 0.0 |\n", "")))
+    assert any("missing" in p for p in drift.compare(committed, committed.replace("| b | 95.0 | 0.0 |\n", "")))
 
 
 def run_cli(*args, cwd=REPO):

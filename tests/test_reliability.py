@@ -13,7 +13,8 @@ from attacks_ext.attack_checks import RestartSweep, StepSweep, UnboundedEps
 from attacks_ext.checks import Column, Context, Evidence, IterativeBeatsOneStep, MonotoneInEps, Status, Verdict
 from harness import report, spec as spec_module
 from harness.__main__ import main
-from harness.matrix import CellRunner, run
+from harness.evaluation import CellRunner
+from harness.matrix import run
 from harness.store import CellRecord, ResultStore, StoreError
 from harness.threat import Norm
 from tests import planted
@@ -122,7 +123,7 @@ def test_a_randomized_model_reproduces_and_is_attacked_with_eot(tmp_path, natura
     assert outcomes[0].keys() == outcomes[1].keys()
     for name in outcomes[0]:
         assert np.array_equal(outcomes[0][name], outcomes[1][name]), name
-    from harness.matrix import prepare_defenses
+    from harness.preparation import prepare_defenses
 
     prepared = prepare_defenses(spec, ["mine"], mnist, cache_dir=tmp_path / "c", device=torch.device("cpu"))
     assert CellRunner(spec, mnist, prepared, torch.device("cpu")).eot_draws("mine") == 4

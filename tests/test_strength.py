@@ -5,7 +5,9 @@ import torch
 
 from harness import spec as spec_module, strength
 from harness.attack_cost import strength_section, strength_summary
-from harness.matrix import evaluate_cell, plan, prepare_defenses
+from harness.evaluation import evaluate_cell
+from harness.matrix import plan
+from harness.preparation import prepare_defenses
 from harness.threat import Norm
 
 SPEC = """

@@ -8,7 +8,8 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attacks_ext.attack_checks import GradientFreeVsWhiteBox, RestartSweep, StepSweep, TransferVsWhiteBox, UnboundedEps
+from attacks_ext.attack_checks import RestartSweep, StepSweep, UnboundedEps
+from attacks_ext.comparison_checks import GradientFreeVsWhiteBox, TransferVsWhiteBox
 from attacks_ext.checks import Column, Context, Evidence, Status
 from attacks_ext.convergence_check import AttackConvergence
 from attacks_ext.reference_check import ReferenceAttack

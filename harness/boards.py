@@ -1,0 +1,44 @@
+"""Every board of a benchmark written at once: the leaderboard with its figures, the sanity board when the spec
+has checks, and the label-leak board when it pairs twins."""
+from __future__ import annotations
+
+from pathlib import Path
+
+from harness.data import Dataset
+from harness.provenance import code_commit
+from harness.report import build, render_markdown, sanity_file
+from harness.report_figures import figure_name, render_figure, render_training_figure, training_figure_name
+from harness.report_label_leak import (label_leak_frame, perturbation_probe_frame, render_label_leak_figure,
+                                       render_label_leak_markdown, robust_features_section)
+from harness.report_sanity import render_sanity
+from harness.spec import BenchmarkSpec
+from harness.store import ResultStore
+
+
+def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path, *, command: str) -> list[Path]:
+    """Render `<out_dir>/<name>.md` with its figures, and the label-leak board when the spec pairs twins;
+    returns the markdown paths."""
+    board = build(spec, store, data)
+    figure = Path("figures") / figure_name(spec)
+    render_figure(board, out_dir / figure)
+    training_figure = Path("figures") / training_figure_name(spec)
+    render_training_figure(board, out_dir / training_figure)
+    path = out_dir / f"{spec.name}.md"
+    path.write_text(render_markdown(board, command=command, figure=figure.as_posix(),
+                                    training_figure=training_figure.as_posix() if any(log.get("epochs") for log in board.trainings.values()) else None))
+    paths = [path]
+    if spec.checks:
+        sanity_path = out_dir / sanity_file(spec)
+        sanity_path.write_text(render_sanity(board, out_dir, command=command))
+        paths.append(sanity_path)
+    if spec.label_leak_pairs:
+        frame = label_leak_frame(board)
+        leak_figure = Path("figures") / f"{spec.name}-label-leaking.png"
+        render_label_leak_figure(spec, frame, out_dir / leak_figure)
+        leak_path = out_dir / ("label-leaking.md" if spec.name == "mnist-quick" else f"{spec.name}-label-leaking.md")
+        leak_path.write_text(render_label_leak_markdown(
+            spec, frame, command=command, figure=leak_figure.as_posix(), commit=", ".join(board.commits) or code_commit(),
+            probe=perturbation_probe_frame(board) if spec.perturbation_probe else None,
+            robust_features=robust_features_section(spec, board.robust_features)))
+        paths.append(leak_path)
+    return paths

@@ -1,0 +1,34 @@
+"""Provenance of every stored cell: library versions and the code commit."""
+from __future__ import annotations
+
+import platform
+import subprocess
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def library_versions() -> dict[str, str]:
+    import numpy
+
+    versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
+    for name, module in (("art", "art"), ("torchattacks", "torchattacks")):
+        try:
+            versions[name] = __import__(module).__version__
+        except ImportError:
+            versions[name] = "not installed"
+    return versions
+
+
+def code_commit() -> str:
+    """The git commit of the harness code, with '-dirty' when tracked files differ from it."""
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+                                text=True, check=True).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+                               capture_output=True, text=True, check=True).stdout.strip()
+    except (OSError, subprocess.CalledProcessError):
+        return "unknown"
+    return commit + ("-dirty" if dirty else "")
