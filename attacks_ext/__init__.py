@@ -1,5 +1,6 @@
-"""Attacks: our own (reference PGD, and later the source documents' families) and adapters that put
-torchattacks and ART behind one interface. Importing this package registers every attack in ATTACKS."""
-from attacks_ext.base import Attack  # noqa: F401
-from attacks_ext import adapters, autoattack, checks, onestep, pgd, second_order  # noqa: F401  (registration side effects)
-from attacks_ext import attack_checks, comparison_checks, convergence_check, reference_check  # noqa: F401  (after checks)
+"""Attacks: the interface (`base.py`), our own attacks (PGD, the one-step family, S-O, label-leak scoring),
+adapters that put torchattacks, ART and AutoAttack behind it, and the sanity checks (`checks/`).
+
+Importing this package registers nothing: the registries import `attacks_ext.builtins` and
+`attacks_ext.checks` through their entry points (see `harness.registry`), so importing one attack does not
+pull in the others, the checks or the plotting."""

@@ -150,7 +150,7 @@ def _positive_int(value, name: str) -> int:
 
 # --- torchattacks -----------------------------------------------------------------------------------
 
-@ATTACKS.register("ta-fgsm")
+@ATTACKS.register("ta-fgsm", norm="linf", family="one-step", library="torchattacks")
 def torchattacks_fgsm() -> Attack:
     """torchattacks FGSM (Goodfellow et al. 2015), Linf."""
     import torchattacks
@@ -170,19 +170,19 @@ def _torchattacks_pgd(name: str, norm: Norm, steps: int, step_fraction: float | 
     )
 
 
-@ATTACKS.register("ta-pgd-linf")
+@ATTACKS.register("ta-pgd-linf", norm="linf", family="iterative", library="torchattacks")
 def torchattacks_pgd_linf(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True) -> Attack:
     """torchattacks PGD, Linf (Madry et al. 2018)."""
     return _torchattacks_pgd("ta-pgd-linf", Norm.LINF, steps, step_fraction, random_start)
 
 
-@ATTACKS.register("ta-pgd-l2")
+@ATTACKS.register("ta-pgd-l2", norm="l2", family="iterative", library="torchattacks")
 def torchattacks_pgd_l2(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True) -> Attack:
     """torchattacks PGDL2, L2 (Madry et al. 2018)."""
     return _torchattacks_pgd("ta-pgd-l2", Norm.L2, steps, step_fraction, random_start)
 
 
-@ATTACKS.register("ta-cw-l2")
+@ATTACKS.register("ta-cw-l2", norm="l2", family="iterative", library="torchattacks")
 def torchattacks_cw_l2(*, steps: int = 100, c: float = 1.0, kappa: float = 0.0, lr: float = 0.01) -> Attack:
     """torchattacks CW, L2 (Carlini & Wagner 2017): minimal perturbation, projected onto the eps-ball."""
     import torchattacks
@@ -195,7 +195,7 @@ def torchattacks_cw_l2(*, steps: int = 100, c: float = 1.0, kappa: float = 0.0, 
                               minimal=True)
 
 
-@ATTACKS.register("ta-deepfool")
+@ATTACKS.register("ta-deepfool", norm="l2", family="iterative", library="torchattacks")
 def torchattacks_deepfool(*, steps: int = 50, overshoot: float = 0.02) -> Attack:
     """torchattacks DeepFool, L2 (Moosavi-Dezfooli et al. 2016): minimal perturbation, projected onto the eps-ball."""
     import torchattacks
@@ -222,13 +222,13 @@ def _art_fgm(name: str, norm: Norm) -> Attack:
     )
 
 
-@ATTACKS.register("art-fgm-linf")
+@ATTACKS.register("art-fgm-linf", norm="linf", family="one-step", library="ART")
 def art_fgm_linf() -> Attack:
     """ART FastGradientMethod, Linf (= FGSM, Goodfellow et al. 2015)."""
     return _art_fgm("art-fgm-linf", Norm.LINF)
 
 
-@ATTACKS.register("art-fgm-l2")
+@ATTACKS.register("art-fgm-l2", norm="l2", family="one-step", library="ART")
 def art_fgm_l2() -> Attack:
     """ART FastGradientMethod, L2 (fast grad L2: eps * g / ||g||_2)."""
     return _art_fgm("art-fgm-l2", Norm.L2)
@@ -247,19 +247,19 @@ def _art_pgd(name: str, norm: Norm, steps: int, step_fraction: float | None, ran
     )
 
 
-@ATTACKS.register("art-pgd-linf")
+@ATTACKS.register("art-pgd-linf", norm="linf", family="iterative", library="ART")
 def art_pgd_linf(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True) -> Attack:
     """ART ProjectedGradientDescentPyTorch, Linf (Madry et al. 2018)."""
     return _art_pgd("art-pgd-linf", Norm.LINF, steps, step_fraction, random_start)
 
 
-@ATTACKS.register("art-pgd-l2")
+@ATTACKS.register("art-pgd-l2", norm="l2", family="iterative", library="ART")
 def art_pgd_l2(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True) -> Attack:
     """ART ProjectedGradientDescentPyTorch, L2 (Madry et al. 2018)."""
     return _art_pgd("art-pgd-l2", Norm.L2, steps, step_fraction, random_start)
 
 
-@ATTACKS.register("art-cw-l2")
+@ATTACKS.register("art-cw-l2", norm="l2", family="iterative", library="ART")
 def art_cw_l2(*, steps: int = 10, binary_search_steps: int = 10, confidence: float = 0.0,
               learning_rate: float = 0.01, initial_const: float = 0.01) -> Attack:
     """ART CarliniL2Method (Carlini & Wagner 2017): minimal perturbation, projected onto the eps-ball."""
@@ -291,13 +291,13 @@ def _art_hopskipjump(name: str, norm: Norm, steps: int, queries: int, init_queri
     )
 
 
-@ATTACKS.register("art-hopskipjump")
+@ATTACKS.register("art-hopskipjump", norm="l2", family="gradient-free", library="ART")
 def art_hopskipjump(*, steps: int = 50, queries: int = 10000, init_queries: int = 100, start_tries: int = 100) -> Attack:
     """ART HopSkipJump, L2 (Chen et al. 2020): decision-based, reads labels only; projected onto the eps-ball."""
     return _art_hopskipjump("art-hopskipjump", Norm.L2, steps, queries, init_queries, start_tries)
 
 
-@ATTACKS.register("art-hopskipjump-linf")
+@ATTACKS.register("art-hopskipjump-linf", norm="linf", family="gradient-free", library="ART")
 def art_hopskipjump_linf(*, steps: int = 50, queries: int = 10000, init_queries: int = 100,
                          start_tries: int = 100) -> Attack:
     """ART HopSkipJump, Linf (Chen et al. 2020): decision-based, reads labels only; projected onto the eps-ball."""

@@ -36,25 +36,25 @@ def _apgd(name: str, norm: Norm, steps: int, restarts: int, loss: str = "ce") ->
     )
 
 
-@ATTACKS.register("ta-apgd-ce")
+@ATTACKS.register("ta-apgd-ce", norm="linf", family="iterative", library="torchattacks")
 def torchattacks_apgd_ce(*, steps: int = 100, restarts: int = 1) -> Attack:
     """torchattacks APGD on cross-entropy, Linf (Croce & Hein 2020); 100 steps is AutoAttack's budget."""
     return _apgd("ta-apgd-ce", Norm.LINF, steps, restarts)
 
 
-@ATTACKS.register("ta-apgd-ce-l2")
+@ATTACKS.register("ta-apgd-ce-l2", norm="l2", family="iterative", library="torchattacks")
 def torchattacks_apgd_ce_l2(*, steps: int = 100, restarts: int = 1) -> Attack:
     """torchattacks APGD on cross-entropy, L2 (Croce & Hein 2020)."""
     return _apgd("ta-apgd-ce-l2", Norm.L2, steps, restarts)
 
 
-@ATTACKS.register("ta-apgd-dlr")
+@ATTACKS.register("ta-apgd-dlr", norm="linf", family="iterative", library="torchattacks")
 def torchattacks_apgd_dlr(*, steps: int = 100, restarts: int = 1) -> Attack:
     """torchattacks APGD on the DLR loss, Linf (Croce & Hein 2020): scale-invariant, finds what cross-entropy misses."""
     return _apgd("ta-apgd-dlr", Norm.LINF, steps, restarts, loss="dlr")
 
 
-@ATTACKS.register("ta-apgd-dlr-l2")
+@ATTACKS.register("ta-apgd-dlr-l2", norm="l2", family="iterative", library="torchattacks")
 def torchattacks_apgd_dlr_l2(*, steps: int = 100, restarts: int = 1) -> Attack:
     """torchattacks APGD on the DLR loss, L2 (Croce & Hein 2020)."""
     return _apgd("ta-apgd-dlr-l2", Norm.L2, steps, restarts, loss="dlr")
@@ -85,13 +85,13 @@ def _apgd_targeted(name: str, norm: Norm, steps: int, targets: int) -> Attack:
         model, norm=LIBRARY_NORMS[norm], eps=eps, steps=steps, n_restarts=1, n_classes=classes, seed=seed))
 
 
-@ATTACKS.register("ta-apgd-t")
+@ATTACKS.register("ta-apgd-t", norm="linf", family="iterative", library="torchattacks")
 def torchattacks_apgd_targeted(*, steps: int = 100, targets: int = 9) -> Attack:
     """torchattacks APGD-T, Linf: targeted DLR towards the `targets` highest wrong classes in turn (AutoAttack: 9 x 100)."""
     return _apgd_targeted("ta-apgd-t", Norm.LINF, steps, targets)
 
 
-@ATTACKS.register("ta-apgd-t-l2")
+@ATTACKS.register("ta-apgd-t-l2", norm="l2", family="iterative", library="torchattacks")
 def torchattacks_apgd_targeted_l2(*, steps: int = 100, targets: int = 9) -> Attack:
     """torchattacks APGD-T, L2: targeted DLR towards the `targets` highest wrong classes in turn (AutoAttack: 9 x 100)."""
     return _apgd_targeted("ta-apgd-t-l2", Norm.L2, steps, targets)
@@ -105,13 +105,13 @@ def _fab_targeted(name: str, norm: Norm, steps: int, targets: int) -> Attack:
         seed=seed))
 
 
-@ATTACKS.register("ta-fab-t")
+@ATTACKS.register("ta-fab-t", norm="linf", family="iterative", library="torchattacks")
 def torchattacks_fab_targeted(*, steps: int = 100, targets: int = 9) -> Attack:
     """torchattacks FAB-T, Linf (Croce & Hein 2020): minimal-norm steps on the linearized boundary to each target."""
     return _fab_targeted("ta-fab-t", Norm.LINF, steps, targets)
 
 
-@ATTACKS.register("ta-fab-t-l2")
+@ATTACKS.register("ta-fab-t-l2", norm="l2", family="iterative", library="torchattacks")
 def torchattacks_fab_targeted_l2(*, steps: int = 100, targets: int = 9) -> Attack:
     """torchattacks FAB-T, L2 (Croce & Hein 2020): minimal-norm steps on the linearized boundary to each target."""
     return _fab_targeted("ta-fab-t-l2", Norm.L2, steps, targets)
@@ -131,13 +131,13 @@ def _square(name: str, norm: Norm, queries: int, p_init: float) -> Attack:
     )
 
 
-@ATTACKS.register("ta-square")
+@ATTACKS.register("ta-square", norm="linf", family="gradient-free", library="torchattacks")
 def torchattacks_square(*, queries: int = 1000, p_init: float = 0.8) -> Attack:
     """torchattacks Square, Linf (Andriushchenko et al. 2020): random search on the margin, no gradients."""
     return _square("ta-square", Norm.LINF, queries, p_init)
 
 
-@ATTACKS.register("ta-square-l2")
+@ATTACKS.register("ta-square-l2", norm="l2", family="gradient-free", library="torchattacks")
 def torchattacks_square_l2(*, queries: int = 1000, p_init: float = 0.8) -> Attack:
     """torchattacks Square, L2 (Andriushchenko et al. 2020): random search on the margin, no gradients."""
     return _square("ta-square-l2", Norm.L2, queries, p_init)
@@ -165,13 +165,13 @@ def _autoattack_standard(name: str, norm: Norm, steps: int, queries: int) -> Att
     return TorchattacksAttack(name, norm, build, needs_classes=True)
 
 
-@ATTACKS.register("autoattack-standard")
+@ATTACKS.register("autoattack-standard", norm="linf", family="iterative", library="torchattacks")
 def autoattack_standard(*, steps: int = 100, queries: int = 5000) -> Attack:
     """AutoAttack standard from torchattacks' parts, Linf, original budgets: APGD-CE 100, APGD-T 9 x 100, FAB-T 9 x 100, Square 5,000."""
     return _autoattack_standard("autoattack-standard", Norm.LINF, steps, queries)
 
 
-@ATTACKS.register("autoattack-standard-l2")
+@ATTACKS.register("autoattack-standard-l2", norm="l2", family="iterative", library="torchattacks")
 def autoattack_standard_l2(*, steps: int = 100, queries: int = 5000) -> Attack:
     """AutoAttack standard from torchattacks' parts, L2, original budgets: APGD-CE 100, APGD-T 9 x 100, FAB-T 9 x 100, Square 5,000."""
     return _autoattack_standard("autoattack-standard-l2", Norm.L2, steps, queries)
@@ -194,13 +194,13 @@ def _torchattacks_autoattack(name: str, norm: Norm, queries: int) -> Attack:
     return TorchattacksAttack(name, norm, build, needs_classes=True)
 
 
-@ATTACKS.register("ta-autoattack")
+@ATTACKS.register("ta-autoattack", norm="linf", family="iterative", library="torchattacks")
 def torchattacks_autoattack(*, queries: int = 5000) -> Attack:
     """torchattacks AutoAttack(version='standard') as shipped, Linf: APGD, APGD-T, FAB-T at 10 steps (not 100), Square 5,000."""
     return _torchattacks_autoattack("ta-autoattack", Norm.LINF, queries)
 
 
-@ATTACKS.register("ta-autoattack-l2")
+@ATTACKS.register("ta-autoattack-l2", norm="l2", family="iterative", library="torchattacks")
 def torchattacks_autoattack_l2(*, queries: int = 5000) -> Attack:
     """torchattacks AutoAttack(version='standard') as shipped, L2: APGD, APGD-T, FAB-T at 10 steps (not 100), Square 5,000."""
     return _torchattacks_autoattack("ta-autoattack-l2", Norm.L2, queries)
@@ -255,13 +255,13 @@ class OriginalAutoAttack(Attack):
         return x_adv
 
 
-@ATTACKS.register("aa-standard")
+@ATTACKS.register("aa-standard", norm="linf", family="iterative", library="autoattack")
 def original_autoattack_standard(*, steps: int = 100, targets: int = 9, queries: int = 5000) -> Attack:
     """AutoAttack standard, Linf, the authors' original code (pyautoattack 0.2.0): APGD-CE, APGD-T, FAB-T, Square."""
     return OriginalAutoAttack("aa-standard", Norm.LINF, steps=steps, targets=targets, queries=queries)
 
 
-@ATTACKS.register("aa-standard-l2")
+@ATTACKS.register("aa-standard-l2", norm="l2", family="iterative", library="autoattack")
 def original_autoattack_standard_l2(*, steps: int = 100, targets: int = 9, queries: int = 5000) -> Attack:
     """AutoAttack standard, L2, the authors' original code (pyautoattack 0.2.0): APGD-CE, APGD-T, FAB-T, Square."""
     return OriginalAutoAttack("aa-standard-l2", Norm.L2, steps=steps, targets=targets, queries=queries)

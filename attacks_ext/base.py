@@ -15,44 +15,17 @@ from __future__ import annotations
 import abc
 import contextlib
 import hashlib
-import math
 from typing import Iterable
 
 import numpy as np
 import torch
 from torch import nn
 
-from harness.threat import Norm
+from harness.registry import Family
+from harness.threat import Norm, check_eps  # noqa: F401  (check_eps: re-exported for attacks)
 
 
-def check_eps(eps, norm: Norm) -> float | torch.Tensor:
-    """eps in input units of [0, 1] data: finite, non-negative, and <= 1 for Linf.
-
-    A float, or (for our own attacks, as adversarial training needs) a 1-D tensor with one eps per example.
-    """
-    if isinstance(eps, torch.Tensor) and eps.ndim > 0:
-        if eps.ndim != 1:
-            raise ValueError(f"per-example eps must be a 1-D tensor, got shape {tuple(eps.shape)}")
-        if not torch.isfinite(eps).all() or bool((eps < 0).any()):
-            raise ValueError("eps must be finite numbers >= 0")
-        if norm is Norm.LINF and bool((eps > 1).any()):
-            raise ValueError(f"Linf eps={float(eps.max()):g} exceeds 1, the whole [0, 1] input range; eps is in input units")
-        return eps
-    try:
-        value = float(eps)
-    except (TypeError, ValueError):
-        raise TypeError(f"eps must be a number, got {eps!r}") from None
-    if not math.isfinite(value) or value < 0:
-        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
-    if norm is Norm.LINF and value > 1:
-        raise ValueError(
-            f"Linf eps={value:g} exceeds 1, the whole [0, 1] input range; eps is in input units "
-            f"(did you mean {value:g}/255 = {value / 255:.4f}?)"
-        )
-    return value
-
-
-FAMILIES = ("one-step", "iterative", "gradient-free", "noise")
+FAMILIES = tuple(f.value for f in Family)
 
 
 class ExampleRandomness:
@@ -129,9 +102,7 @@ class Attack(abc.ABC):
         self.norm = Norm.parse(norm)
         self.uses_true_label = uses_true_label
         if family is not None:
-            if family not in FAMILIES:
-                raise ValueError(f"attack family {family!r} unknown; allowed: {', '.join(FAMILIES)}")
-            self.family = family
+            self.family = Family.parse(family).value
             self.uses_gradients = family in ("one-step", "iterative")
 
     def __repr__(self) -> str:

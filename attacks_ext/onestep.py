@@ -26,7 +26,7 @@ import torch.nn.functional as F
 
 from attacks_ext.base import Attack, ExampleRandomness
 from attacks_ext.pgd import ascend, cross_entropy_gradient
-from harness.registry import ATTACKS
+from harness.registry import ATTACKS, Family
 from harness.threat import Norm
 
 TARGETS = ("true", "predicted", "least-likely", "random", "entropy")
@@ -160,20 +160,21 @@ def _register_one_step(name: str, norm: Norm, target, scaling: str, descend: boo
         return OneStepAttack(name, norm, target=target, scaling=scaling, descend=descend, uses_true_label=reads_label)
 
     factory.__doc__ = doc
-    ATTACKS.register(name, factory)
+    family = Family.NOISE if target is None else Family.ONE_STEP
+    ATTACKS.register(name, factory, norm=norm, family=family, uses_true_label=reads_label)
 
 
 for _name, _entry in ONE_STEP.items():
     _register_one_step(_name, *_entry)
 
 
-@ATTACKS.register("iter-basic")
+@ATTACKS.register("iter-basic", norm="linf", family="iterative")
 def iter_basic() -> Attack:
     """Iter. basic (BIM): step 1/255, min(eps+4, 1.25 eps) steps in 0-255 units (Kurakin et al. 2017)."""
     return BasicIterativeAttack("iter-basic", least_likely=False)
 
 
-@ATTACKS.register("iter-ll")
+@ATTACKS.register("iter-ll", norm="linf", family="iterative", uses_true_label=False)
 def iter_ll() -> Attack:
     """Iter. l.l.: BIM towards the least-likely class (Kurakin et al. 2017)."""
     return BasicIterativeAttack("iter-ll", least_likely=True)

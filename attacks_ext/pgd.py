@@ -184,7 +184,7 @@ class ProjectedGradientDescent(Attack):
         return count, count
 
 
-@ATTACKS.register("pgd-linf")
+@ATTACKS.register("pgd-linf", norm="linf", family="iterative")
 def pgd_linf(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True,
              loss: str = "ce") -> Attack:
     """Our reference PGD, Linf (Madry et al. 2018); loss "ce" (cross-entropy) or "cw" (Carlini-Wagner margin)."""
@@ -192,7 +192,7 @@ def pgd_linf(*, steps: int = 40, step_fraction: float | None = None, random_star
                                     random_start=random_start, loss=loss)
 
 
-@ATTACKS.register("pgd-l2")
+@ATTACKS.register("pgd-l2", norm="l2", family="iterative")
 def pgd_l2(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True,
            loss: str = "ce") -> Attack:
     """Our reference PGD, L2 (Madry et al. 2018); loss "ce" (cross-entropy) or "cw" (Carlini-Wagner margin)."""

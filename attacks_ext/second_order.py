@@ -43,7 +43,7 @@ class SecondOrderAttack(ProjectedGradientDescent):
         return total / self.draws, None
 
 
-@ATTACKS.register("so-linf")
+@ATTACKS.register("so-linf", norm="linf", family="iterative")
 def second_order_linf(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True,
                       sigma: float = 0.1, draws: int = 4) -> Attack:
     """Second-order (S-O) attack, Linf: PGD on gradients averaged over Gaussian draws (Li et al.)."""
@@ -51,7 +51,7 @@ def second_order_linf(*, steps: int = 40, step_fraction: float | None = None, ra
                              random_start=random_start, sigma=sigma, draws=draws)
 
 
-@ATTACKS.register("so-l2")
+@ATTACKS.register("so-l2", norm="l2", family="iterative")
 def second_order_l2(*, steps: int = 40, step_fraction: float | None = None, random_start: bool = True,
                     sigma: float = 0.1, draws: int = 4) -> Attack:
     """Second-order (S-O) attack, L2: PGD on gradients averaged over Gaussian draws (Li et al.)."""

@@ -76,6 +76,7 @@ class Recipe:
         raise ValueError(f"recipe {self.name!r}: {message}")
 
     def __post_init__(self):
+        # Long by design: one flat list of the recipe's preconditions, each with its own message.
         if self.model not in MODELS:
             MODELS.get(self.model)  # raises with the list of known models
         numbers = {"width": (0, False), "lr": (0, False), "weight_decay": (0, True), "eps": (0, True),

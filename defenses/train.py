@@ -191,6 +191,7 @@ def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | st
 
     `sources` are the fixed models named by `recipe.ensemble_sources` (ensemble adversarial training).
     """
+    # Long by design: the one training loop; its order of operations (craft, noise, loss, step, guard) reads top to bottom.
     device = torch.device(device)
     sources = sources or {}
     missing = [name for name in recipe.ensemble_sources if name not in sources]

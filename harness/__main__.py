@@ -11,7 +11,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = "benchmarks/mnist-quick.toml"
-LISTS = ("attacks", "defenses", "models", "datasets", "checks")
+LISTS = ("attacks", "defenses", "models", "datasets", "checks", "probes")
 STRENGTH_JSON = REPO_ROOT / ".benchmarks" / "strength-per-cost.json"
 
 
@@ -91,19 +91,20 @@ def _strength(args) -> int:
 
 
 def _list(what: str) -> int:
-    import harness.plugins  # noqa: F401
-    from harness.registry import ATTACKS, CHECKS, DATASETS, DEFENSES, MODELS
+    from harness.registry import ATTACKS, CHECKS, DATASETS, DEFENSES, MODELS, PROBES
 
-    registry = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS, "checks": CHECKS}[what]
+    registry = {"attacks": ATTACKS, "defenses": DEFENSES, "models": MODELS, "datasets": DATASETS, "checks": CHECKS,
+                "probes": PROBES}[what]
     if not len(registry):
         print(f"(no {what} registered yet)")
-    for name, entry in registry.items():
+    for name, entry in registry.items():  # metadata only: listing builds nothing
         doc = (entry.__doc__ or "").strip().splitlines()
-        extra = ""
+        info = registry.info(name)
+        extra = f"[from {info['module']}] "
         if what == "attacks":
-            attack = entry()
-            extra = f"[{attack.norm.value}{', reads true label' if attack.uses_true_label else ''}] "
-        print(f"{name:20s} {extra}{doc[0] if doc else ''}")
+            extra = (f"[{info['norm'].value}, {info['family'].value}, {info['library']}"
+                     f"{', reads true label' if info['uses_true_label'] else ''}] ")
+        print(f"{name:22s} {extra}{doc[0] if doc else ''}")
     return 0
 
 
@@ -180,7 +181,6 @@ def main(argv: list[str] | None = None) -> int:
             _run_and_render(args, args.home or default_home(), args.out, compute=args.command == "run")
             return 0
         from harness import drift
-        from harness.spec import load
 
         with tempfile.TemporaryDirectory(prefix="harness-check-") as scratch:
             scratch = Path(scratch)
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
                     problems.append(f"{committed}: no committed board (run `python -m harness run {args.spec}`)")
                     continue
                 problems += [f"{committed.name}: {p}" for p in
-                             drift.compare(committed.read_text(), path.read_text(), tolerance=args.tolerance)]
+                             drift.compare_files(committed, path, tolerance=args.tolerance)]
         if problems:
             print(f"harness check: committed boards drifted from the code ({len(problems)} differences beyond "
                   f"{args.tolerance} points):", file=sys.stderr)

@@ -13,32 +13,40 @@ from harness.report_label_leak import (label_leak_frame, perturbation_probe_fram
 from harness.report_sanity import render_sanity
 from harness.spec import BenchmarkSpec
 from harness.store import ResultStore
+from harness.tables import collecting, write_json
+
+
+def _write_board(path: Path, render) -> Path:
+    """Write the markdown `render()` returns, and beside it `<board>.json` with the raw values of its tables."""
+    with collecting() as frames:
+        markdown = render()
+    path.write_text(markdown)
+    write_json(path, markdown, frames)
+    return path
 
 
 def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path, *, command: str) -> list[Path]:
-    """Render `<out_dir>/<name>.md` with its figures, and the label-leak board when the spec pairs twins;
-    returns the markdown paths."""
+    """Render `<out_dir>/<name>.md` with its figures, and the label-leak board when the spec pairs twins, each
+    with its `.json` of raw table values; returns the markdown paths."""
     board = build(spec, store, data)
     figure = Path("figures") / figure_name(spec)
     render_figure(board, out_dir / figure)
     training_figure = Path("figures") / training_figure_name(spec)
     render_training_figure(board, out_dir / training_figure)
     path = out_dir / f"{spec.name}.md"
-    path.write_text(render_markdown(board, command=command, figure=figure.as_posix(),
-                                    training_figure=training_figure.as_posix() if any(log.get("epochs") for log in board.trainings.values()) else None))
-    paths = [path]
+    trained = any(log.get("epochs") for log in board.trainings.values())
+    paths = [_write_board(path, lambda: render_markdown(board, command=command, figure=figure.as_posix(),
+                                                       training_figure=training_figure.as_posix() if trained else None))]
     if spec.checks:
         sanity_path = out_dir / sanity_file(spec)
-        sanity_path.write_text(render_sanity(board, out_dir, command=command))
-        paths.append(sanity_path)
+        paths.append(_write_board(sanity_path, lambda: render_sanity(board, out_dir, command=command)))
     if spec.label_leak_pairs:
         frame = label_leak_frame(board)
         leak_figure = Path("figures") / f"{spec.name}-label-leaking.png"
         render_label_leak_figure(spec, frame, out_dir / leak_figure)
         leak_path = out_dir / ("label-leaking.md" if spec.name == "mnist-quick" else f"{spec.name}-label-leaking.md")
-        leak_path.write_text(render_label_leak_markdown(
+        paths.append(_write_board(leak_path, lambda: render_label_leak_markdown(
             spec, frame, command=command, figure=leak_figure.as_posix(), commit=", ".join(board.commits) or code_commit(),
             probe=perturbation_probe_frame(board) if spec.perturbation_probe else None,
-            robust_features=robust_features_section(spec, board.robust_features)))
-        paths.append(leak_path)
+            robust_features=robust_features_section(spec, board.robust_features))))
     return paths

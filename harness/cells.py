@@ -5,7 +5,7 @@ import hashlib
 import json
 from dataclasses import dataclass
 
-from attacks_ext.checks import ProbeRequest
+from harness.check_types import ProbeRequest
 from harness.data import Dataset
 from harness.spec import AttackSpec, BenchmarkSpec
 

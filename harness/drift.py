@@ -1,10 +1,11 @@
-"""The drift check: two rendered boards compared number by number, which is how CI proves the committed boards
-match the code."""
+"""The drift check: a committed board's stored numbers (`<board>.json`, written beside the markdown) compared
+with a from-scratch regeneration's, value by value; this is how CI proves the committed boards match the code."""
 from __future__ import annotations
 
+import json
 import re
+from pathlib import Path
 
-NUMBER = re.compile(r"^-?\d+(\.\d+)?$")
 NUMBERS_IN_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
 KEY_HEADERS = {"Defense", "Twins", "eps", "Check", "Column", "Gradient", "Data set"}  # leading columns that name a row
 
@@ -19,47 +20,53 @@ def _same_text(committed: str, fresh: str, tolerance: float) -> bool:
         abs(float(a) - float(b)) <= tolerance for a, b in zip(numbers_old, numbers_new))
 
 
-def parse_tables(markdown: str) -> dict[tuple[str, str, str], str]:
-    """{(section heading, row key, column header): cell text} for every pipe table; a row's key is its
-    leading cells under naming headers (Defense, Twins, eps, Check, Column), at least the first cell."""
-    cells, heading, header = {}, "", None
-    for line in markdown.splitlines():
-        if line.startswith("#"):
-            heading, header = line.lstrip("#").strip(), None
-            continue
-        if not line.startswith("|"):
-            header = None
-            continue
-        parts = [part.strip() for part in line.strip().strip("|").split("|")]
-        if header is None:
-            header = parts
-        elif not all(set(part) <= set(":-") for part in parts):
-            leading = next((i for i, name in enumerate(header) if name not in KEY_HEADERS), len(header))
-            leading = max(1, leading)
-            row = " | ".join(parts[:leading])
-            for column, value in zip(header[leading:], parts[leading:]):
-                cells[(heading, row, column)] = value
-    return cells
+def cells(board: dict) -> dict[tuple[str, str, str], object]:
+    """{(section, row key, column): value} for every table of a board's JSON; a row's key is its leading values
+    under naming headers (Defense, Twins, eps, Check, Column, ...), at least the first one."""
+    out = {}
+    for table in board["tables"]:
+        columns = table["columns"]
+        leading = max(1, next((i for i, name in enumerate(columns) if name not in KEY_HEADERS), len(columns)))
+        for row in table["rows"]:
+            key = " | ".join(str(v) for v in row[:leading])
+            for column, value in zip(columns[leading:], row[leading:]):
+                out[(table["section"], key, column)] = value
+    return out
 
 
-def compare(committed: str, regenerated: str, *, tolerance: float = 1.0) -> list[str]:
-    """Differences beyond `tolerance` (percentage points) between two leaderboards, ignoring cost sections."""
-    old, new = parse_tables(committed), parse_tables(regenerated)
+def _number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def compare(committed: dict, regenerated: dict, *, tolerance: float = 1.0) -> list[str]:
+    """Differences beyond `tolerance` (percentage points) between two boards' stored tables, cost sections
+    (timings) aside."""
+    old, new = cells(committed), cells(regenerated)
     problems = []
     for key, value in old.items():
         heading, row, column = key
         if "cost" in heading.lower():
             continue
         if key not in new:
-            problems.append(f"[{heading}] row {row!r} column {column!r} is missing from the regenerated leaderboard")
+            problems.append(f"[{heading}] row {row!r} column {column!r} is missing from the regenerated board")
             continue
         fresh = new[key]
-        if NUMBER.match(value) and NUMBER.match(fresh):
+        if _number(value) and _number(fresh):
             if abs(float(value) - float(fresh)) > tolerance:
-                problems.append(f"[{heading}] {row} / {column}: committed {value}, regenerated {fresh}")
-        elif not _same_text(value, fresh, tolerance):
+                problems.append(f"[{heading}] {row} / {column}: committed {value:g}, regenerated {fresh:g}")
+        elif type(value) is not type(fresh) or (isinstance(value, str) and not _same_text(value, fresh, tolerance)) or (
+                not isinstance(value, str) and value != fresh):
             problems.append(f"[{heading}] {row} / {column}: committed {value!r}, regenerated {fresh!r}")
     for key in new.keys() - old.keys():
         if "cost" not in key[0].lower():
-            problems.append(f"[{key[0]}] row {key[1]!r} column {key[2]!r} is new: the committed leaderboard lacks it")
+            problems.append(f"[{key[0]}] row {key[1]!r} column {key[2]!r} is new: the committed board lacks it")
     return problems
+
+
+def compare_files(committed_board: Path, regenerated_board: Path, *, tolerance: float) -> list[str]:
+    """Compare the `.json` beside two `.md` boards; a committed board without one is a problem to fix by
+    regenerating it (`python -m harness run`)."""
+    committed, fresh = committed_board.with_suffix(".json"), regenerated_board.with_suffix(".json")
+    if not committed.is_file():
+        return [f"{committed}: no stored numbers beside the committed board; regenerate it with `python -m harness run`"]
+    return compare(json.loads(committed.read_text()), json.loads(fresh.read_text()), tolerance=tolerance)

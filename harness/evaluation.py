@@ -12,12 +12,12 @@ import numpy as np
 import torch
 
 from attacks_ext.base import ExampleRandomness, isolated_global_rng
-from attacks_ext.checks import BATCHED_PROBES, PROBES
 from harness.cells import Cell
 from harness.counting import EvaluationCounter
 from harness.data import Dataset
 from harness.models import AveragedOverDraws, correct_predictions, is_randomized
 from harness.preparation import PreparedDefense
+from harness.registry import PROBES
 from harness.spec import BenchmarkSpec
 from harness.store import CellRecord
 from harness.threat import verify
@@ -41,21 +41,21 @@ def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch
                    device: torch.device, training: tuple[torch.Tensor, torch.Tensor] | None = None,
                    clean_correct: np.ndarray | None = None) -> CellOutcome:
     """Measure `model` on (x, y) with the probe the cell names (a sanity check's or the label-leak board's
-    evidence), batch by batch where the probe allows it (`BATCHED_PROBES`); a probe that takes `training` also
+    evidence), batch by batch where the probe allows it (its `shared` metadata is not None); a probe that takes `training` also
     gets the training split. `clean_correct`: the model's clean outcome on (x, y) where the caller has it."""
     counter = EvaluationCounter(model)
     generator = torch.Generator().manual_seed(cell.seed)
     if clean_correct is None:  # the harness's own pass, not counted
         clean_correct = correct_predictions(model, x, y, batch_size=batch_size, device=device)
-    probe = PROBES[cell.probe.probe_id]
+    probe = PROBES.get(cell.probe.probe_id)
+    shared = PROBES.info(cell.probe.probe_id)["shared"]
     options = dict(cell.probe.options)
     if "training" in inspect.signature(probe).parameters:
         if training is None:
             raise ValueError(f"probe {cell.probe.probe_id!r} needs the training split")
         options["training"] = training
     start = time.perf_counter()
-    if cell.probe.probe_id in BATCHED_PROBES and len(x):
-        shared = BATCHED_PROBES[cell.probe.probe_id]
+    if shared is not None and len(x):
         parts = [probe(counter, x[begin : begin + batch_size].to(device), y[begin : begin + batch_size].to(device),
                        generator=generator, **options) for begin in range(0, len(x), batch_size)]
         arrays = {name: parts[0][name] if name in shared else np.concatenate([part[name] for part in parts])

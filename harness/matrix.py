@@ -29,7 +29,7 @@ from harness.provenance import code_commit, library_versions
 from harness.registry import ATTACKS
 from harness.spec import AttackSpec, BenchmarkSpec
 from harness.store import CellRecord, ResultStore
-from attacks_ext.checks import ProbeRequest
+from harness.check_types import ProbeRequest
 
 
 FAMILY_ORDER = ("one-step", "iterative", "noise", "gradient-free", "transfer")
@@ -62,6 +62,7 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
     on the target) reuses that column's cell: each example's draws come from (cell seed, example index) and
     the seeds are equal, so the column's outcome on every example it attacked is the request's outcome there,
     and the request only attacks the clean-correct examples the column skipped (a cascade's fallen ones)."""
+    # Long by design: the cascade's order is easiest to check when every kind of cell is planned in one place.
     cells = []
     keys = defense_keys(spec, data)
     context = spec.check_context()

@@ -75,7 +75,7 @@ class MnistCNN(nn.Module):
         return self.classifier(self.features(x))
 
 
-@MODELS.register("madry-cnn")
+@MODELS.register("madry-cnn", input_shape=(1, 28, 28))
 def madry_cnn(*, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, activation: str = "relu",
               activation_beta: float = 0.01) -> nn.Module:
     """Madry et al. MNIST CNN: conv 32 5x5, pool, conv 64 5x5, pool, fc 1024, fc 10 (times `width`)."""
@@ -83,7 +83,7 @@ def madry_cnn(*, num_classes: int = 10, in_channels: int = 1, width: float = 1.0
                     in_channels=in_channels, activation=activation, activation_beta=activation_beta)
 
 
-@MODELS.register("small-cnn")
+@MODELS.register("small-cnn", input_shape=(1, 28, 28))
 def small_cnn(*, num_classes: int = 10, in_channels: int = 1, width: float = 1.0, activation: str = "relu",
               activation_beta: float = 0.01) -> nn.Module:
     """A quarter-size Madry CNN (conv 16, conv 32, fc 128) for fast CPU runs and tests."""
@@ -135,7 +135,7 @@ CIFAR10_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR10_STD = (0.2470, 0.2435, 0.2616)
 
 
-@MODELS.register("cifar-resnet20")
+@MODELS.register("cifar-resnet20", input_shape=(3, 32, 32))
 def cifar_resnet20(*, num_classes: int = 10, in_channels: int = 3, width: float = 1.0, activation: str = "relu",
                    activation_beta: float = 0.01) -> nn.Module:
     """ResNet-20 for CIFAR-10 (16/32/64 channels times `width`), normalizing with CIFAR-10 statistics."""

@@ -22,12 +22,17 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
-def code_commit() -> str:
-    """The git commit of the harness code, with '-dirty' when tracked files differ from it."""
+OUTPUTS = ("leaderboards",)  # what the harness writes into the tree: regenerating the boards leaves the code clean
+
+
+def code_commit(root: Path = REPO_ROOT) -> str:
+    """The git commit of the harness code, with '-dirty' when tracked files other than the generated boards
+    differ from it."""
     try:
-        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=REPO_ROOT, capture_output=True,
+        commit = subprocess.run(["git", "rev-parse", "--short=12", "HEAD"], cwd=root, capture_output=True,
                                 text=True, check=True).stdout.strip()
-        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], cwd=REPO_ROOT,
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no", "--", ".",
+                                *(f":(exclude){output}" for output in OUTPUTS)], cwd=root,
                                capture_output=True, text=True, check=True).stdout.strip()
     except (OSError, subprocess.CalledProcessError):
         return "unknown"

@@ -7,7 +7,6 @@ writes them all.
 from __future__ import annotations
 
 import datetime
-import math
 import re
 from dataclasses import dataclass
 
@@ -19,11 +18,11 @@ from harness.cells import LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell
 from harness.matrix import cascade_order, plan, runs_on_every_example
 from harness.provenance import code_commit, library_versions
 from harness.spec import BenchmarkSpec
-from attacks_ext.checks import Check, Evidence, Status, Verdict
+from harness.check_types import Check, Evidence, Status, Verdict
 from harness.store import CellRecord, ResultStore
+from harness.tables import MISSING, markdown_table as _markdown  # noqa: F401  (the boards' one table writer)
 from harness.threat import Norm
 
-MISSING = "—"
 MISSING_VERDICT = "**missing**"  # an overall sanity verdict that could not be reached: never blank, never a pass
 
 
@@ -130,6 +129,7 @@ def naive_costs(cells: list[Cell], records: dict[str, CellRecord]) -> dict[str, 
 
 
 def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard:
+    # Long by design: one pass over the plan that gathers every table of the board; split, each part would re-walk the cells.
     all_cells = plan(spec, data)
     records = store.cells(list(dict.fromkeys(cell.key for cell in all_cells)))
     cells = [cell for cell in all_cells if cell.check is None]  # the board's columns; checks report separately
@@ -230,19 +230,8 @@ def _total(costs: list[tuple[float, float] | None]) -> float | None:
     return None if any(c is None for c in costs) else float(sum(f + g for f, g in costs))
 
 
-def _markdown(frame: pd.DataFrame, digits: int = 1) -> str:
-    def cell(value):
-        if value is None or (isinstance(value, float) and math.isnan(value)):
-            return MISSING
-        if isinstance(value, (float, np.floating)):
-            return f"{value:.{digits}f}"
-        return str(value)
-
-    shown = frame.apply(lambda column: column.map(cell)) if len(frame) else frame
-    return shown.to_markdown(index=False, disable_numparse=True, stralign="left")
-
-
 def render_markdown(board: Leaderboard, *, command: str, figure: str, training_figure: str | None = None) -> str:
+    # Long by design: the board's sections in reading order, one after another.
     spec = board.spec
     today = datetime.date.today().isoformat()
     commit = ", ".join(board.commits) or code_commit()

@@ -7,7 +7,8 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from attacks_ext.label_leak import perturbation_probe_rows, robust_feature_rows, robust_feature_settings, score_label_leak
+from attacks_ext.label_leak import perturbation_probe_rows, robust_feature_rows, score_label_leak
+from defenses.probes import robust_feature_settings
 from harness.cells import CLEAN
 from harness.figures import pyplot, save_figure
 from harness.report import Leaderboard, _markdown

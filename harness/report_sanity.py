@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from attacks_ext.checks import Verdict
+from harness.check_types import Verdict
 from harness.provenance import code_commit
 from harness.report import MISSING, MISSING_VERDICT, Leaderboard, _markdown, overall
 

@@ -19,13 +19,11 @@ import math
 import tomllib
 from pathlib import Path
 
-import harness.plugins  # noqa: F401  (every registry entry must exist before a spec is checked)
-from attacks_ext.base import check_eps
 from defenses.recipes import build_recipe
 from harness.registry import ATTACKS, CHECKS, DATASETS, MODELS, check_keywords
 from harness.spec_types import (AttackSpec, BenchmarkSpec, CheckSpec, DefenseSpec, ExternalModel,  # noqa: F401
                                 _context)
-from harness.threat import Norm
+from harness.threat import Norm, check_eps
 
 
 class SpecError(ValueError):
@@ -151,7 +149,7 @@ def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ..
     options = {k: v for k, v in table.items() if k not in ("attack", "eps", "source")}
     _check_options(path, key, attack_id, factory, options)
     try:
-        attack = factory(**options)
+        factory(**options)  # built once so the attack checks its own options here, with the key in the message
     except (TypeError, ValueError) as error:
         _fail(path, key, str(error))
     source = table.get("source")
@@ -159,9 +157,10 @@ def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ..
         names = [d.name for d in defenses]
         if source not in names:
             _fail(path, f"{key}.source", f"{source!r} is not a defense of this benchmark; defenses: {', '.join(names)}")
-        if attack.family not in ("one-step", "iterative"):
-            _fail(path, f"{key}.source", f"{attack_id} is {attack.family}; a transfer attack needs the source's gradients")
-    norm = attack.norm
+        family = ATTACKS.info(attack_id)["family"].value
+        if family not in ("one-step", "iterative"):
+            _fail(path, f"{key}.source", f"{attack_id} is {family}; a transfer attack needs the source's gradients")
+    norm = ATTACKS.info(attack_id)["norm"]
     if norm not in grid:
         _fail(path, key, f"{attack_id} is a {norm.value} attack but [eps] has no {norm.value} grid")
     eps = _eps_list(path, f"{key}.eps", table["eps"], norm) if "eps" in table else grid[norm]
@@ -187,7 +186,7 @@ def _load_label_leak(path, table: dict, attacks: tuple[AttackSpec, ...]) -> tupl
             if label not in by_label:
                 _fail(path, "label_leak.pairs", f"{label!r} is not an [attacks] column; columns: {', '.join(by_label)}")
         true_label, free = (by_label[p] for p in pair)
-        if not true_label.build().uses_true_label or free.build().uses_true_label:
+        if not ATTACKS.info(true_label.attack_id)["uses_true_label"] or ATTACKS.info(free.attack_id)["uses_true_label"]:
             _fail(path, "label_leak.pairs", f"{pair!r}: the first attack must read the true label and the second must not")
         if true_label.norm is not free.norm or true_label.eps != free.eps:
             _fail(path, "label_leak.pairs", f"{pair!r}: the twins need the same norm and eps grid")
@@ -197,7 +196,7 @@ def _load_label_leak(path, table: dict, attacks: tuple[AttackSpec, ...]) -> tupl
 
 def _load_robust_features(path, table, defenses: tuple[DefenseSpec, ...]) -> tuple[tuple[str, object], ...]:
     """[label_leak] robust_features = { source = "<defense>", <options of the robust-features probe> }"""
-    from attacks_ext.label_leak import robust_feature_settings
+    from defenses.probes import robust_feature_settings
 
     key = "label_leak.robust_features"
     _check_keys(path, key, table, {"source"} | set(robust_feature_settings({})), required={"source"})
@@ -247,6 +246,7 @@ def _load_checks(path, table: dict, context) -> tuple[CheckSpec, ...]:
 
 def load(path: str | Path) -> BenchmarkSpec:
     """Parse and validate a benchmark TOML file."""
+    # Long by design: the TOML's tables validated in file order, each error naming its key.
     path = Path(path)
     try:
         raw = tomllib.loads(path.read_text())
@@ -274,8 +274,7 @@ def load(path: str | Path) -> BenchmarkSpec:
 
     eps_table = raw["eps"]
     _check_keys(path, "eps", eps_table, {n.value for n in Norm})
-    shape = getattr(DATASETS.get(dataset), "input_shape", None)
-    diameter = None if shape is None else math.sqrt(math.prod(shape))
+    diameter = math.sqrt(math.prod(DATASETS.info(dataset)["input_shape"]))
     grid = {Norm(name): _eps_list(path, f"eps.{name}", values, Norm(name), diameter) for name, values in eps_table.items()}
     if not grid:
         _fail(path, "eps", "needs at least one grid, e.g. linf = [0.1, 0.3]")

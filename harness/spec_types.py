@@ -5,7 +5,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from attacks_ext.base import Attack
-from attacks_ext.checks import Column, Context
+from harness.check_types import Column, Context
 from defenses.recipes import Recipe
 from harness.registry import ATTACKS, CHECKS
 from harness.threat import Norm
@@ -47,7 +47,7 @@ class AttackSpec:
     @property
     def family(self) -> str:
         """The attack's family; 'transfer' for a column crafted on another model."""
-        return "transfer" if self.source is not None else self.build().family
+        return "transfer" if self.source is not None else ATTACKS.info(self.attack_id)["family"].value
 
     def build(self) -> Attack:
         return ATTACKS.get(self.attack_id)(**dict(self.options))

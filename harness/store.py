@@ -15,10 +15,11 @@ import hashlib
 import json
 import os
 import sqlite3
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+
+from harness.records import CellRecord
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS cells (
@@ -58,42 +59,6 @@ CREATE TABLE IF NOT EXISTS defenses (
 COLUMNS = ("key", "benchmark", "defense", "defense_key", "attack", "attack_id", "options", "norm", "eps", "examples",
            "clean_correct", "adv_correct", "seconds", "forward_evals", "gradient_evals", "seed", "versions",
            "git_commit", "device", "finished_at", "measurements", "checksum")
-
-
-@dataclass(frozen=True)
-class CellRecord:
-    """A stored cell: identity, outcome vectors and cost."""
-
-    key: str
-    benchmark: str
-    defense: str
-    defense_key: str
-    attack: str
-    attack_id: str
-    options: dict
-    norm: str
-    eps: float
-    clean_correct: np.ndarray
-    adv_correct: np.ndarray
-    seconds: float
-    forward_evals: int
-    gradient_evals: int
-    seed: int
-    versions: dict
-    git_commit: str
-    device: str
-    finished_at: str
-    measurements: dict[str, np.ndarray] = field(default_factory=dict)  # a probe's named arrays (sanity checks)
-
-    @property
-    def robust_correct(self) -> np.ndarray:
-        """Correct on the clean input and on its adversarial version."""
-        return self.clean_correct & self.adv_correct
-
-    @property
-    def robust_accuracy(self) -> float:
-        """Robust accuracy in %: the share of examples correct both clean and under the attack."""
-        return 100 * float(self.robust_correct.mean())
 
 
 def pack(vector: np.ndarray) -> bytes:

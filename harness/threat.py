@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import enum
+import math
 
 import torch
 
@@ -64,3 +65,30 @@ def verify(x: torch.Tensor, x_adv: torch.Tensor, norm: Norm, eps: float) -> None
             f"{len(over)} examples exceed the {norm.value} budget eps={eps:g}: largest perturbation {worst:.6g} "
             f"(examples {over[:10].tolist()})"
         )
+
+
+def check_eps(eps, norm: Norm) -> float | torch.Tensor:
+    """eps in input units of [0, 1] data: finite, non-negative, and <= 1 for Linf.
+
+    A float, or (for our own attacks, as adversarial training needs) a 1-D tensor with one eps per example.
+    """
+    if isinstance(eps, torch.Tensor) and eps.ndim > 0:
+        if eps.ndim != 1:
+            raise ValueError(f"per-example eps must be a 1-D tensor, got shape {tuple(eps.shape)}")
+        if not torch.isfinite(eps).all() or bool((eps < 0).any()):
+            raise ValueError("eps must be finite numbers >= 0")
+        if norm is Norm.LINF and bool((eps > 1).any()):
+            raise ValueError(f"Linf eps={float(eps.max()):g} exceeds 1, the whole [0, 1] input range; eps is in input units")
+        return eps
+    try:
+        value = float(eps)
+    except (TypeError, ValueError):
+        raise TypeError(f"eps must be a number, got {eps!r}") from None
+    if not math.isfinite(value) or value < 0:
+        raise ValueError(f"eps must be a finite number >= 0, got {eps!r}")
+    if norm is Norm.LINF and value > 1:
+        raise ValueError(
+            f"Linf eps={value:g} exceeds 1, the whole [0, 1] input range; eps is in input units "
+            f"(did you mean {value:g}/255 = {value / 255:.4f}?)"
+        )
+    return value

@@ -1,7 +1,6 @@
 import pytest
 import torch
 
-import harness.plugins  # noqa: F401  (registers every built-in entry)
 from defenses.recipes import build_recipe
 from defenses.train import train
 from harness.data import Dataset, load_dataset

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attacks_ext.attack_checks import RestartSweep, StepSweep
+from attacks_ext.checks import RestartSweep, StepSweep
 from attacks_ext.checks import Column, Context, Evidence, FgsmDirectionLoss, GradientNormTrace, MonotoneInEps, Status
 from harness import drift, report_sanity
 from harness import report, spec as spec_module
@@ -285,10 +285,13 @@ def test_check_options_are_validated_with_the_key(tmp_path, table, message):
 
 
 def test_compare_tolerates_numbers_inside_text_within_the_tolerance():
-    board = "## Defense: a\n\n| Check | Verdict | Figure |\n|:--|:--|:--|\n| zero-gradients | pass | median 1.84e+00, 12.5% |\n"
-    assert drift.compare(board, board.replace("12.5%", "13.1%")) == []
-    assert drift.compare(board, board.replace("12.5%", "15.0%"))
-    assert drift.compare(board, board.replace("pass", "warn"))
+    def board(verdict="pass", share="12.5%"):
+        return {"tables": [{"section": "Defense: a", "columns": ["Check", "Verdict", "Figure"],
+                            "rows": [["zero-gradients", verdict, f"median 1.84e+00, {share}"]]}]}
+
+    assert drift.compare(board(), board(share="13.1%")) == []
+    assert drift.compare(board(), board(share="15.0%"))
+    assert drift.compare(board(), board(verdict="warn"))
 
 
 def test_probe_measurements_round_trip_and_an_old_store_gains_the_column(tmp_path):
@@ -332,18 +335,18 @@ def test_identical_requests_from_two_checks_share_one_cell(tmp_path, mnist):
 def test_per_example_probes_stream_their_examples_in_batches(natural_model, mnist, monkeypatch, probe_id, options):
     """A probe whose arrays hold one row per example never sees more than a batch at once (memory stays flat as
     the test set grows), and gives what it gives on all the examples at once."""
-    from attacks_ext import checks
-    from attacks_ext.checks import PROBES, ProbeRequest
     from harness.cells import Cell
+    from harness.check_types import ProbeRequest
     from harness.evaluation import evaluate_probe
+    from harness.registry import PROBES
 
-    seen, probe = [], PROBES[probe_id]
-    monkeypatch.setitem(PROBES, probe_id, lambda model, x, y, **kw: seen.append(len(x)) or probe(model, x, y, **kw))
+    seen, probe = [], PROBES.get(probe_id)
+    monkeypatch.setitem(PROBES._entries, probe_id, lambda model, x, y, **kw: seen.append(len(x)) or probe(model, x, y, **kw))
     cell = Cell("k", "natural", "key", None, 0.0, seed=3, examples=50,
                 probe=ProbeRequest("p", probe_id, options, 50), check="c", request="p")
     x, y = mnist.x_test[:50], mnist.y_test[:50]
     streamed = evaluate_probe(cell, natural_model, x, y, batch_size=16, device=torch.device("cpu"))
-    assert seen == [16, 16, 16, 2] and probe_id in checks.BATCHED_PROBES
+    assert seen == [16, 16, 16, 2] and PROBES.info(probe_id)["shared"] is not None
     whole = evaluate_probe(cell, natural_model, x, y, batch_size=50, device=torch.device("cpu"))
     assert seen[-1] == 50 and streamed.measurements.keys() == whole.measurements.keys()
     for name, value in whole.measurements.items():

@@ -1,4 +1,6 @@
 """Label-leak scoring against a direct computation, and its place in the spec and the board."""
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -81,7 +83,7 @@ def test_board_from_stored_vectors(tmp_path, mnist):
     assert int(cells[6]) == expected.leaked and int(cells[7]) == expected.reverse and int(cells[8]) == expected.clean_errors
     assert (tmp_path / "out" / "figures" / "tiny-label-leaking.png").is_file()
     # the drift check tells rows apart by their leading text cells (defense, twins, eps)
-    tables = drift.parse_tables(markdown)
+    tables = drift.cells(json.loads(paths[1].with_suffix(".json").read_text()))
     assert ("Leaked-label counts", "natural | fgsm / fgsm-pred | ε=0.3", "Leaked") in tables
 
 
@@ -127,7 +129,7 @@ def test_perturbation_probe_on_the_board(tmp_path, mnist, natural_model):
                                         cell.eps, clean, clean, 1.0, 1, 1, cell.seed, {}, "c", "cpu", "now",
                                         measurements=measurements))
         paths = boards.write(spec, store, mnist, tmp_path / "out", command="test")
-    tables = drift.parse_tables(paths[1].read_text())
+    tables = drift.cells(json.loads(paths[1].with_suffix(".json").read_text()))
     assert {row for heading, row, _ in tables if heading == "Perturbation probe"} == {"natural | true", "natural | predicted",
                                                                                     "natural | least-likely", "natural | random"}
     path.write_text(LEAK_SPEC + "perturbation_probe = 1\n")

@@ -4,13 +4,10 @@ import torch
 from harness.models import build_model, load_external
 from harness.registry import MODELS
 
-SHAPES = {"madry-cnn": (1, 28, 28), "small-cnn": (1, 28, 28), "cifar-resnet20": (3, 32, 32)}
-
-
 @pytest.mark.parametrize("name", list(MODELS))
 @pytest.mark.parametrize("width", [0.5, 1.0, 2.0])
 def test_models_take_unit_inputs_and_scale_with_width(name, width):
-    shape = SHAPES[name]
+    shape = MODELS.info(name)["input_shape"]
     model = build_model(name, num_classes=10, in_channels=shape[0], width=width).eval()
     assert model(torch.rand(3, *shape)).shape == (3, 10)
     narrow = sum(p.numel() for p in build_model(name, num_classes=10, in_channels=shape[0], width=0.5).parameters())

@@ -175,9 +175,14 @@ def test_gaussian_noise_is_applied_in_training_only(micro, monkeypatch):
         return model
 
     monkeypatch.setattr(training, "build_recipe_model", recording)
-    model, _ = train(build_recipe("gaussian-noise", epochs=1, batch_size=64), micro, seed=0, progress=False)
-    trained_inputs = seen[0]
-    assert not torch.allclose(trained_inputs, micro.x_train[:64]) and float((trained_inputs - 0).abs().sum()) > 0
+    # every training image a flat 0.5 grey, so the clean batch behind the recorded inputs is known whatever the
+    # shuffle: x + N(0, 0.5^2) clipped to [0, 1] clips where |z| > 1, and inside it is a normal truncated at +-1 sigma
+    grey = Dataset("grey", torch.full_like(micro.x_train, 0.5), micro.y_train, micro.x_test, micro.y_test, 10)
+    model, _ = train(build_recipe("gaussian-noise", epochs=1, batch_size=64), grey, seed=0, progress=False)
+    noise = seen[0] - 0.5
+    clipped = (noise.abs() >= 0.5 - 1e-6).double().mean().item()
+    assert clipped == pytest.approx(2 * stats.norm.sf(1.0), abs=0.01)
+    assert noise[noise.abs() < 0.5 - 1e-6].std().item() == pytest.approx(0.5 * stats.truncnorm(-1, 1).std(), rel=0.03)
     x = micro.x_test
     with torch.no_grad():
         assert torch.equal(model(x), model(x))  # evaluation is deterministic: no noise layer in the model

@@ -9,7 +9,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attacks_ext.attack_checks import RestartSweep, StepSweep, UnboundedEps
+from attacks_ext.checks import RestartSweep, StepSweep, UnboundedEps
 from attacks_ext.checks import Column, Context, Evidence, IterativeBeatsOneStep, MonotoneInEps, Status, Verdict
 from harness import report, spec as spec_module
 from harness.__main__ import main

@@ -8,11 +8,11 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attacks_ext.attack_checks import RestartSweep, StepSweep, UnboundedEps
-from attacks_ext.comparison_checks import GradientFreeVsWhiteBox, TransferVsWhiteBox
+from attacks_ext.checks import RestartSweep, StepSweep, UnboundedEps
+from attacks_ext.checks import GradientFreeVsWhiteBox, TransferVsWhiteBox
 from attacks_ext.checks import Column, Context, Evidence, Status
-from attacks_ext.convergence_check import AttackConvergence
-from attacks_ext.reference_check import ReferenceAttack
+from attacks_ext.checks import AttackConvergence
+from attacks_ext.checks import ReferenceAttack
 from harness import report, spec as spec_module
 from harness.matrix import plan, run
 from harness.store import CellRecord, ResultStore
@@ -159,7 +159,7 @@ def test_convergence_indicators_flag_what_they_name():
 
 @pytest.mark.slow
 def test_the_path_recorder_sees_apgd_and_a_fooled_point(natural_model, mnist):
-    from attacks_ext.convergence_check import probe_attack_convergence
+    from attacks_ext.checks.attack_convergence import probe_attack_convergence
 
     x, y = mnist.x_test[:20], mnist.y_test[:20]
     out = probe_attack_convergence(natural_model, x, y, generator=torch.Generator().manual_seed(0), norm="linf",

@@ -19,10 +19,10 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks_ext.attack_checks import PGD, PerNormCheck, rank_eps
-from attacks_ext.checks import PROBES, ProbeRequest, Status, _count, _grade, _missing, _number, _thresholds
+from attacks_ext.checks.per_norm import PGD, PerNormCheck, rank_eps
+from harness.check_types import ProbeRequest, Status, _count, _grade, _missing, _number, _thresholds
 from attacks_ext.pgd import ascent_direction, project
-from harness.registry import ATTACKS, CHECKS
+from harness.registry import ATTACKS, CHECKS, PROBES
 from harness.threat import Norm
 
 
@@ -63,6 +63,7 @@ class _PathRecorder(nn.Module):
         return out
 
 
+@PROBES.register("attack-convergence", shared=None)
 def probe_attack_convergence(model, x, y, *, generator, norm: str, eps: float, library_steps: int, noise_draws: int,
                              noise_share: float) -> dict[str, np.ndarray]:
     """Run torchattacks' APGD-CE through a path recorder: per example, its best loss after every evaluation,
@@ -91,7 +92,6 @@ def probe_attack_convergence(model, x, y, *, generator, norm: str, eps: float, l
             "loss_change": torch.stack(changes, 1).mean(1).double().cpu().numpy()}
 
 
-PROBES["attack-convergence"] = probe_attack_convergence
 
 
 @CHECKS.register("attack-convergence")

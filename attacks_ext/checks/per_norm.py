@@ -1,7 +1,7 @@
 """Sanity checks that run extra attacks, at every norm the board reports: unbounded eps (Carlini et al. 2019;
 Shafahi et al. Table 9), restart and step sweeps (Tables 10, 11), a gradient-free and a transfer attack against
-the white-box columns (`comparison_checks.py`) and the reference audit (`reference_check.py`) build on the
-same base.
+the white-box columns (`gradient_free.py`, `transfer.py`), the reference audit (`reference_attack.py`) and the
+indicators of attack failure (`attack_convergence.py`) build on the same base, one module per check.
 
 Each runs at every norm of the board's grid (or the `norms` it is given) at that norm's rank-by eps: the
 board's `rank_by` eps for its norm, the largest eps of the grid for the others. Its verdict is the worst over
@@ -13,12 +13,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from attacks_ext.base import check_eps
-from attacks_ext.checks import (AttackRequest, Check, Status, Verdict, _above, _count, _grade, _line_styles,
-                                _missing, _number, _save, _thresholds)
+from attacks_ext.checks.plotting import _line_styles, _save
+from harness.check_types import AttackRequest, Check, Status, Verdict, _above, _grade, _missing, _number, _thresholds
 from harness.figures import pyplot
-from harness.registry import ATTACKS, CHECKS
-from harness.threat import Norm
+from harness.registry import ATTACKS
+from harness.threat import Norm, check_eps
+
 
 PGD = {Norm.LINF: "pgd-linf", Norm.L2: "pgd-l2"}
 SQUARE = {Norm.LINF: "ta-square", Norm.L2: "ta-square-l2"}
@@ -60,7 +60,7 @@ class PerNormCheck(Check):
     def _setup(self, norms, attack: str | None) -> None:
         self.norms = _norm_list(norms)
         if attack is not None:  # one attack given: the check runs at that attack's norm only
-            norm = ATTACKS.get(attack)().norm
+            norm = ATTACKS.info(attack)["norm"]
             if self.norms is not None and self.norms != (norm,):
                 raise ValueError(f"attack {attack!r} is a {norm.value} attack; norms may only be [{norm.value!r}]")
             self.attacks, self.norms = {norm: attack}, (norm,)
@@ -163,67 +163,6 @@ class _BudgetCurve(PerNormCheck):
         return None if vectors is None else [(x, 100 * float(v.mean())) for x, v in vectors]
 
 
-@CHECKS.register("unbounded-eps")
-class UnboundedEps(_BudgetCurve):
-    """Unbounded eps (Carlini et al. 2019; Shafahi et al. Table 9): as eps grows towards the whole input range
-    with more steps, accuracy must fall to about 0, and never rise; if it does not, gradients are masked or the
-    attack is broken. L∞ 1 admits any image; at L2 the defaults reach 28, the diameter of a 28 x 28 image."""
-
-    id, title = "unbounded-eps", "Unbounded eps"
-    attacks = PGD
-    DEFAULT_EPS = {Norm.LINF: (0.5, 1.0), Norm.L2: (7.0, 28.0)}
-
-    def __init__(self, *, eps: dict | list | tuple | None = None, steps: int = 100, examples: int = 100,
-                 attack: str | None = None, norms: list | tuple | None = None, warn_above: float = 1.0,
-                 fail_above: float = 5.0):
-        self.steps, self.examples = _count(steps, "steps"), _count(examples, "examples")
-        self._setup(norms, attack)
-        self.eps = dict(self.DEFAULT_EPS)  # a plain list is the L-inf list (or that of the one norm asked for)
-        self.eps.update(_per_norm(eps, "eps", self._eps_values, self.norms) or {})
-        self.warn, self.fail = _thresholds(warn_above, fail_above, "% accuracy")
-
-    @staticmethod
-    def _eps_values(values, norm: Norm) -> tuple[float, ...]:
-        if not isinstance(values, (list, tuple)) or not values:
-            raise ValueError(f"eps at {norm.value} must be a non-empty list, got {values!r}")
-        return tuple(sorted(float(check_eps(e, norm)) for e in values))
-
-    def _requests_at(self, context, norm):
-        return tuple(AttackRequest(self.name(norm, f"eps={e:g}"), self.attacks[norm], (("steps", self.steps),), e,
-                                   self.examples) for e in self.eps[norm])
-
-    def _vectors(self, evidence, norm):
-        records = [evidence.requested.get(self.name(norm, f"eps={e:g}")) for e in self.eps[norm]]
-        return None if any(r is None for r in records) else [(e, r.robust_correct) for e, r in zip(self.eps[norm], records)]
-
-    def _evaluate_at(self, evidence, norm):
-        curve = self._curve(evidence, norm)
-        if curve is None:
-            return _missing(self.id, "unbounded-eps cells")
-        (eps, top), (rise, where) = curve[-1], _rises(self._vectors(evidence, norm))
-        status = max(_grade(top, self.warn, self.fail), _grade(rise, self.warn, self.fail))
-        figure = f"{top:.1f}% at eps {eps:g} ({self.attacks[norm]}, {self.steps} steps)"
-        if _above(rise, self.warn):
-            reason = f"accuracy rises by {rise:.1f} points ({where}): " + RISE_REASON
-        elif status is Status.PASS:
-            reason = "accuracy falls to ~0 once the budget allows any image: the attack works"
-        else:
-            reason = (f"{top:.1f}% of images survive an eps that admits any image: the attack cannot follow the "
-                      "gradient (gradient masking) or is broken; robust accuracies of this row are not trustworthy")
-        return self._verdict(status, figure, reason, **{f"{e:g}": a for e, a in curve})
-
-    def plot(self, evidences, path):
-        def draw(evidence, norm):
-            curve = self._curve(evidence, norm)
-            if curve is None or evidence.clean is None:
-                return None
-            return [(0.0, 100 * float(evidence.clean.clean_correct[: self.examples].mean()))] + curve
-
-        return self._panels(evidences, path, draw, xlabel=lambda norm: f"eps ({norm.symbol})",
-                            ylabel=f"accuracy under PGD-{self.steps} (%)",
-                            title=lambda context, norm: f"unbounded eps at {norm.symbol}: accuracy must reach ~0")
-
-
 class _Sweep(_BudgetCurve):
     """Shared by the restart and step sweeps: one curve per defense and norm; warn while the last doubling still
     helps, and flag accuracy that rises with the budget."""
@@ -267,59 +206,45 @@ class _Sweep(_BudgetCurve):
                             title=lambda context, norm: f"{self.title}: PGD at {norm.symbol} eps {self.eps_at(context, norm):g}")
 
 
-@CHECKS.register("restart-sweep")
-class RestartSweep(_Sweep):
-    """Random-restart sweep (Shafahi et al. Table 10): an example counts as robust only if it survives every
-    restart so far; warn when the last doubling of restarts still lowers accuracy by more than `warn_drop` points."""
+class _BeatsWhiteBox(PerNormCheck):
+    """Shared by the gradient-free and transfer checks: an attack that runs on the examples every white-box
+    column of the matrix left standing at the same (norm, eps) must not break many of them."""
 
-    id, title, x_label = "restart-sweep", "Random-restart sweep", "restarts"
+    kind = ""  # how the weaker attack is described in figures and reasons
 
-    def __init__(self, *, restarts: int = 4, steps: int = 40, eps: dict | None = None, examples: int = 100,
-                 attack: str | None = None, norms: list | tuple | None = None, warn_drop: float = 1.0,
-                 warn_rise: float = 1.0, fail_rise: float = 5.0):
-        self.restarts, self.steps = _count(restarts, "restarts", 2), _count(steps, "steps")
-        self.examples = _count(examples, "examples")
-        self._sweep_setup(eps, norms, attack, warn_drop, warn_rise, fail_rise)
+    def _compare_setup(self, eps, norms, attack, warn_share, fail_share):
+        self._setup(norms, attack)
+        self.eps_option = _per_norm(eps, "eps", lambda v, norm: float(check_eps(v, norm)), self.norms) or {}
+        self.warn, self.fail = _thresholds(warn_share, fail_share, "% of examples")
 
-    def _requests_at(self, context, norm):
-        # Only the examples every earlier restart left robust matter to the curve, so each restart attacks those.
-        eps = self.eps_at(context, norm)
-        return tuple(AttackRequest(self.name(norm, f"restart {r + 1}"), self.attacks[norm], (("steps", self.steps),),
-                                   eps, self.examples, restart=r, after=(self.name(norm, f"restart {r}"),) if r else ())
-                     for r in range(self.restarts))
+    def eps_at(self, context, norm: Norm) -> float:
+        return self.eps_option.get(norm, rank_eps(context, norm))
 
-    def _vectors(self, evidence, norm):
-        records = [evidence.requested.get(self.name(norm, f"restart {r + 1}")) for r in range(self.restarts)]
-        if any(r is None for r in records):
-            return None
-        survived = np.logical_and.accumulate([r.robust_correct for r in records])
-        points = sorted({1, *(2 ** i for i in range(1, self.restarts.bit_length())), self.restarts})
-        return [(n, survived[n - 1]) for n in points if n <= self.restarts]
+    def norms_for(self, context):
+        """Only norms where the matrix has white-box columns at the check's eps: elsewhere there is no comparison."""
+        return tuple(norm for norm in super().norms_for(context)
+                     if any(c.norm is norm and self.eps_at(context, norm) in c.eps and c.family in ("one-step", "iterative")
+                            for c in context.columns))
 
+    def _request(self, context, norm, options, **extra) -> tuple[AttackRequest, ...]:
+        return (AttackRequest(self.name(norm, self.kind), self.attacks[norm], options, self.eps_at(context, norm),
+                              self.examples, survivors_of="white-box", **extra),)
 
-@CHECKS.register("step-sweep")
-class StepSweep(_Sweep):
-    """Step-count sweep (Shafahi et al. Table 11): PGD with more and more steps (step size 2.5 eps / steps);
-    warn when the last doubling still lowers accuracy by more than `warn_drop` points."""
-
-    id, title, x_label = "step-sweep", "Step-count sweep", "steps"
-
-    def __init__(self, *, steps: list | tuple = (10, 20, 40, 80), eps: dict | None = None, examples: int = 100,
-                 attack: str | None = None, norms: list | tuple | None = None, warn_drop: float = 1.0,
-                 warn_rise: float = 1.0, fail_rise: float = 5.0):
-        if not isinstance(steps, (list, tuple)) or len(steps) < 2:
-            raise ValueError(f"steps must list at least two step counts, got {steps!r}")
-        self.steps = tuple(sorted(_count(s, "steps") for s in steps))
-        self.examples = _count(examples, "examples")
-        self._sweep_setup(eps, norms, attack, warn_drop, warn_rise, fail_rise)
-
-    def _requests_at(self, context, norm):
-        eps = self.eps_at(context, norm)
-        return tuple(AttackRequest(self.name(norm, f"steps {s}"), self.attacks[norm], (("steps", s),), eps,
-                                   self.examples) for s in self.steps)
-
-    def _vectors(self, evidence, norm):
-        records = [evidence.requested.get(self.name(norm, f"steps {s}")) for s in self.steps]
-        if any(r is None for r in records):
-            return None
-        return [(s, r.robust_correct) for s, r in zip(self.steps, records)]
+    def _evaluate_at(self, evidence, norm):
+        eps = self.eps_at(evidence.context, norm)
+        record, white = evidence.requested.get(self.name(norm, self.kind)), evidence.white_box(norm, eps)
+        if record is None or not white:
+            return _missing(self.id, f"{self.kind} cell or white-box columns")
+        n = len(record.robust_correct)
+        survived_white = np.logical_and.reduce([r.robust_correct[:n] for _, r in white])
+        only_weaker = 100 * float((survived_white & ~record.robust_correct).mean())
+        status = _grade(only_weaker, self.warn, self.fail)
+        label = self._label(norm)
+        figure = (f"white-box {100 * survived_white.mean():.1f}%, then {label} {record.robust_accuracy:.1f}% at "
+                  f"eps {eps:g}; {only_weaker:.1f}% of examples broken only by {label}")
+        reason = (f"the {self.kind} attack finds nothing the white-box attacks missed" if only_weaker == 0 else
+                  f"{only_weaker:.1f}% of examples fall only to the {self.kind} attack"
+                  + (" (within tolerance)" if status is Status.PASS else
+                     ": white-box gradients are masked or the white-box attacks are too weak"))
+        return self._verdict(status, figure, reason, **{"White-box": 100 * float(survived_white.mean()),
+                                                        f"Only {self.kind}": only_weaker})

@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 from scipy import stats
 
-from attacks_ext.attack_checks import PerNormCheck, _per_norm, rank_eps
+from attacks_ext.checks.per_norm import PerNormCheck, _per_norm, rank_eps
 from attacks_ext.autoattack import original_autoattack_installed
-from attacks_ext.base import check_eps
-from attacks_ext.checks import AttackRequest, Status, Verdict, _count, _missing, _number
+from harness.check_types import AttackRequest, Status, Verdict, _count, _missing, _number
 from harness.registry import ATTACKS, CHECKS
-from harness.store import CellRecord
-from harness.threat import Norm
+from harness.records import CellRecord
+from harness.threat import Norm, check_eps
 
 REFERENCE = {Norm.LINF: ("aa-standard", "autoattack-standard"), Norm.L2: ("aa-standard-l2", "autoattack-standard-l2")}
 
