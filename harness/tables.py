@@ -12,13 +12,12 @@ import numpy as np
 import pandas as pd
 
 MISSING = "—"  # what a table shows for a value not in the store yet
-_collected: list[pd.DataFrame] | None = None
+_collected: list[tuple[pd.DataFrame, str]] | None = None
 
 
 def markdown_table(frame: pd.DataFrame, digits: int = 1) -> str:
-    """`frame` as a pipe table, floats to `digits` places; the raw frame is kept while `collecting()`."""
-    if _collected is not None:
-        _collected.append(frame.copy())
+    """`frame` as a pipe table, floats to `digits` places; the raw frame is kept with its text while
+    `collecting()`."""
 
     def cell(value):
         if value is None or (isinstance(value, float) and math.isnan(value)):
@@ -28,12 +27,15 @@ def markdown_table(frame: pd.DataFrame, digits: int = 1) -> str:
         return str(value)
 
     shown = frame.apply(lambda column: column.map(cell)) if len(frame) else frame
-    return shown.to_markdown(index=False, disable_numparse=True, stralign="left")
+    text = shown.to_markdown(index=False, disable_numparse=True, stralign="left")
+    if _collected is not None:
+        _collected.append((frame.copy(), text))
+    return text
 
 
 @contextlib.contextmanager
 def collecting():
-    """Collect the frames `markdown_table` renders inside the block, in order."""
+    """Collect the (frame, text) pairs `markdown_table` renders inside the block."""
     global _collected
     previous, _collected = _collected, []
     try:
@@ -52,25 +54,30 @@ def _plain(value):
     return value if value is None or isinstance(value, (int, str, bool)) else str(value)
 
 
-def board_tables(markdown: str, frames: list[pd.DataFrame]) -> list[dict]:
-    """Each collected frame with the heading of the section the markdown shows it under."""
-    headings, heading, in_table = [], "", False
-    for line in markdown.splitlines():
-        if line.startswith("#"):
-            heading = line.lstrip("#").strip()
-        starts = line.startswith("|") and not in_table
-        in_table = line.startswith("|")
-        if starts:
-            headings.append(heading)
-    if len(headings) != len(frames):
-        raise RuntimeError(f"the board shows {len(headings)} tables but {len(frames)} were rendered as tables: a "
-                           "table written by hand would escape the drift check")
-    return [{"section": h, "columns": [str(c) for c in frame.columns],
+def board_tables(markdown: str, rendered: list[tuple[pd.DataFrame, str]]) -> list[dict]:
+    """Each rendered frame, in the order the markdown shows it, with the heading of the section it sits under.
+    Frames are found by their rendered text, so the order in which sections were computed does not matter."""
+    placed, taken = [], set()
+    for frame, text in rendered:
+        start = markdown.find(text)
+        while start in taken:
+            start = markdown.find(text, start + 1)
+        if start < 0:
+            raise RuntimeError("a table was rendered but is not on the board")
+        taken.add(start)
+        headings = [line for line in markdown[:start].splitlines() if line.startswith("#")]
+        placed.append((start, headings[-1].lstrip("#").strip() if headings else "", frame))
+    lines = markdown.splitlines()
+    shown = sum(1 for i, line in enumerate(lines) if line.startswith("|") and (i == 0 or not lines[i - 1].startswith("|")))
+    if shown != len(placed):
+        raise RuntimeError(f"the board shows {shown} tables but {len(placed)} were rendered as tables: a table "
+                           "written by hand would escape the drift check")
+    return [{"section": heading, "columns": [str(c) for c in frame.columns],
              "rows": [[_plain(v) for v in row] for row in frame.itertuples(index=False, name=None)]}
-            for h, frame in zip(headings, frames)]
+            for _, heading, frame in sorted(placed, key=lambda item: item[0])]
 
 
-def write_json(path: Path, markdown: str, frames: list[pd.DataFrame]) -> Path:
+def write_json(path: Path, markdown: str, frames: list[tuple[pd.DataFrame, str]]) -> Path:
     """`<board>.json` beside `<board>.md`: its tables with their raw values."""
     json_path = path.with_suffix(".json")
     json_path.write_text(json.dumps({"board": path.name, "tables": board_tables(markdown, frames)}, indent=1,

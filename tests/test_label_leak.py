@@ -153,13 +153,14 @@ def test_robust_feature_leakage_runs_as_a_cell_and_renders_on_the_board(tmp_path
         assert summary.failed == []
         board = report.build(spec, store, mnist)
         record = board.robust_features
-        markdown = boards.write(spec, store, mnist, tmp_path / "out", command="test")[1].read_text()
+        leak_board = boards.write(spec, store, mnist, tmp_path / "out", command="test")[1]
+        markdown = leak_board.read_text()
     m = record.measurements
     assert np.array_equal(m["true_label"], mnist.y_test[:60].numpy())
     assert 0 < m["rand_reached"][0] <= 1 and len(m["det_network_predictions"]) == 60
     assert record.gradient_evals == 2 * 300 * 5  # both data sets: every training image, every step
     assert board.costs.set_index("Defense").loc["natural", "Eval grad"] >= record.gradient_evals
-    tables = drift.parse_tables(markdown)
+    tables = drift.cells(json.loads(leak_board.with_suffix(".json").read_text()))
     rows = {row for heading, row, _ in tables if heading == "Robust-feature leakage"}
     assert rows == {"D_rand (random other class)", "D_det (y + 1 mod C)"}
     assert "certified constant in the L2 ball of radius 0.25" in markdown

@@ -228,3 +228,20 @@ def test_cli_reports_spec_errors_with_the_key(tmp_path):
     result = run_cli("report", str(tmp_path / "bad.toml"), "--home", str(tmp_path))
     assert result.returncode == 2
     assert "[attacks.pgd.attack] unknown attack 'pgd-inf'" in result.stderr
+
+
+def test_board_tables_follow_the_markdown_not_the_render_order():
+    """A section computed before the one above it (the label-leak board renders its robust-feature table first)
+    is still stored under its own heading."""
+    import pandas as pd
+
+    from harness.tables import board_tables, collecting, markdown_table
+
+    with collecting() as rendered:
+        later = markdown_table(pd.DataFrame({"Data set": ["D_rand"], "Accuracy": [12.5]}))
+        markdown = ("# Board\n\n## Ranking\n\n" + markdown_table(pd.DataFrame({"Defense": ["a"], "Clean": [97.0]}))
+                    + "\n\n## Robust features\n\n" + later + "\n")
+    tables = board_tables(markdown, rendered)
+    assert [(t["section"], t["rows"]) for t in tables] == [("Ranking", [["a", 97.0]]), ("Robust features", [["D_rand", 12.5]])]
+    with pytest.raises(RuntimeError, match="written by hand"):
+        board_tables(markdown + "\n## Extra\n\n| a |\n|:--|\n| 1 |\n", rendered)
