@@ -15,7 +15,7 @@ import pandas as pd
 
 from harness.data import Dataset
 from harness.cells import LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell
-from harness.matrix import cascade_order, plan, runs_on_every_example
+from harness.planning import cascade_order, plan, runs_on_every_example
 from harness.provenance import code_commit, library_versions
 from harness.spec import BenchmarkSpec
 from harness.check_types import Check, Evidence, Status, Verdict

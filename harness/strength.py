@@ -22,7 +22,7 @@ import torch
 from harness.data import Dataset, load_dataset
 from harness.cells import _cell
 from harness.evaluation import CellOutcome, CellRunner, evaluate_cell
-from harness.matrix import plan
+from harness.planning import plan
 from harness.preparation import prepare_defenses
 from harness.provenance import code_commit, library_versions
 from harness.spec import AttackSpec, BenchmarkSpec

@@ -15,7 +15,8 @@ from harness import report
 from harness import spec as spec_module
 from harness.counting import EvaluationCounter
 from harness.evaluation import evaluate_cell
-from harness.matrix import plan, run
+from harness.matrix import run
+from harness.planning import plan
 from harness.preparation import prepare_defenses
 from harness.registry import ATTACKS
 from harness.store import ResultStore

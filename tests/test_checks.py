@@ -317,7 +317,7 @@ def test_probe_measurements_round_trip_and_an_old_store_gains_the_column(tmp_pat
 
 
 def test_identical_requests_from_two_checks_share_one_cell(tmp_path, mnist):
-    from harness.matrix import plan
+    from harness.planning import plan
 
     (tmp_path / "s.toml").write_text(SPEC.split("[defenses.quantized]")[0].replace('weights = "natural.safetensors"', 'weights = "n.safetensors"')
                                      + "[attacks.pgd]\nattack = \"pgd-linf\"\nsteps = 20\n" + CHECKS)

@@ -9,7 +9,8 @@ from attacks_ext.label_leak import (certified_static, fit_robust_linear, held_ou
                                     probe_perturbation_labels, relabelled_targets, score_label_leak)
 from harness import boards, drift
 from harness import report, spec as spec_module
-from harness.matrix import plan, run
+from harness.matrix import run
+from harness.planning import plan
 from harness.registry import ATTACKS
 from harness.store import CellRecord, ResultStore
 from tests.test_matrix import SPEC

@@ -12,7 +12,8 @@ from safetensors.torch import save_file
 from harness import drift
 from harness import report, spec as spec_module
 from harness.evaluation import SequentialExecutor
-from harness.matrix import plan, run
+from harness.matrix import run
+from harness.planning import plan
 from harness.spec import AttackSpec
 from harness.store import ResultStore
 

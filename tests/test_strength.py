@@ -6,7 +6,7 @@ import torch
 from harness import spec as spec_module, strength
 from harness.attack_cost import strength_section, strength_summary
 from harness.evaluation import evaluate_cell
-from harness.matrix import plan
+from harness.planning import plan
 from harness.preparation import prepare_defenses
 from harness.threat import Norm
 

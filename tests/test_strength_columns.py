@@ -14,7 +14,8 @@ from attacks_ext.checks import Column, Context, Evidence, Status
 from attacks_ext.checks import AttackConvergence
 from attacks_ext.checks import ReferenceAttack
 from harness import report, spec as spec_module
-from harness.matrix import plan, run
+from harness.matrix import run
+from harness.planning import plan
 from harness.store import CellRecord, ResultStore
 from harness.threat import Norm
 
