@@ -156,7 +156,17 @@ def _convert(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
+    from harness.registry import PluginError
+
     args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except PluginError as error:  # a plugin package that cannot be imported: name it, no traceback
+        print(f"harness: error: {error}", file=sys.stderr)
+        return 2
+
+
+def _dispatch(args) -> int:
     if args.command == "list":
         return _list(args.what)
     if args.command == "convert-weights":

@@ -160,6 +160,19 @@ def test_a_plugin_package_adds_an_attack_and_a_check(tmp_path):
     assert "brighten" in ranking and "toy-check" in sanity
 
 
+def test_a_broken_plugin_is_named_without_a_traceback(tmp_path):
+    (tmp_path / "broken_plugin").mkdir()
+    (tmp_path / "broken_plugin" / "__init__.py").write_text("raise ImportError('needs a library it lacks')\n")
+    meta = tmp_path / "broken_plugin-0.1.dist-info"
+    meta.mkdir()
+    (meta / "METADATA").write_text("Metadata-Version: 2.1\nName: broken-plugin\nVersion: 0.1\n")
+    (meta / "entry_points.txt").write_text(f"[{PLUGIN_GROUP}]\nbroken = broken_plugin\n")
+    result = subprocess.run([sys.executable, "-m", "harness", "list", "attacks"], cwd=tmp_path, capture_output=True,
+                            text=True, env={"PYTHONPATH": str(tmp_path), "PATH": "/usr/bin:/bin"})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "plugin 'broken' of package 'broken-plugin'" in result.stderr and "needs a library it lacks" in result.stderr
+
+
 def test_regenerated_boards_leave_the_commit_clean(tmp_path):
     """A board rewritten in place does not mark the code dirty; an edited source file does."""
     from harness.provenance import code_commit
