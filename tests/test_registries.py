@@ -7,13 +7,13 @@ import pytest
 import torch
 
 from defenses.recipes import build_recipe
-from defenses.train import train
+from defenses.train import build_recipe_model, train
 from harness import report, spec as spec_module
 from harness.check_types import Status, Verdict
 from harness.data import Dataset, load_dataset
 from harness.matrix import run
 from harness.models import build_model
-from harness.registry import CHECKS, DATASETS, DEFENSES, MODELS
+from harness.registry import CHECKS, DATASETS, DEFENSES
 from harness.store import ResultStore
 
 
@@ -38,7 +38,8 @@ def digits(mnist) -> Dataset:
 @pytest.mark.parametrize("recipe_id", list(DEFENSES))
 def test_every_recipe_trains_one_epoch(recipe_id, digits):
     recipe = build_recipe(recipe_id, epochs=1, batch_size=16)
-    start = build_model(recipe.model, num_classes=10, in_channels=1)
+    torch.manual_seed(0)  # the loop builds its model right after seeding the same way: `start` is its initial state
+    start = build_recipe_model(recipe, digits)
     sources = {name: build_model(recipe.model, num_classes=10, in_channels=1).eval() for name in recipe.ensemble_sources}
     model, log = train(recipe, digits, seed=0, progress=False, sources=sources)
     assert len(log.epochs) == 1 and math.isfinite(log.epochs[0]["loss"]) and log.forward_passes >= len(digits.x_train)
