@@ -172,12 +172,13 @@ class Check:
         return Verdict(self.id, status, figure, reason, details)
 
 
-def _default_eps(context: Context, norm: Norm, eps: float | None) -> float:
-    if eps is not None:
-        return float(check_eps(eps, norm))
-    rank_norm, rank_eps = context.rank_by
-    if rank_norm is norm:
-        return rank_eps
-    if norm not in context.grid:
+def rank_eps(context: Context, norm: Norm) -> float:
+    """The eps a check runs at for `norm`: the board's rank-by eps for its norm, the largest of the grid otherwise."""
+    rank_norm, eps = context.rank_by
+    if rank_norm is not norm and norm not in context.grid:
         raise ValueError(f"no {norm.value} eps grid to take a default eps from; give eps")
-    return max(context.grid[norm])
+    return eps if rank_norm is norm else max(context.grid[norm])
+
+
+def _default_eps(context: Context, norm: Norm, eps: float | None) -> float:
+    return rank_eps(context, norm) if eps is None else float(check_eps(eps, norm))

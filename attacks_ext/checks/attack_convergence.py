@@ -19,7 +19,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from attacks_ext.checks.per_norm import PGD, PerNormCheck, rank_eps
+from attacks_ext.checks.per_norm import PGD, PerNormCheck
+from harness.check_types import rank_eps
 from harness.check_types import ProbeRequest, Status, _count, _grade, _missing, _number, _thresholds
 from attacks_ext.pgd import ascent_direction, project
 from harness.registry import ATTACKS, CHECKS, PROBES

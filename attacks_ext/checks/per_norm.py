@@ -14,7 +14,8 @@ import numpy as np
 from scipy import stats
 
 from attacks_ext.checks.plotting import _line_styles, _save
-from harness.check_types import AttackRequest, Check, Status, Verdict, _above, _grade, _missing, _number, _thresholds
+from harness.check_types import (AttackRequest, Check, Status, Verdict, _above, _grade, _missing, _number,
+                                 _thresholds, rank_eps)
 from harness.figures import pyplot
 from harness.registry import ATTACKS
 from harness.threat import Norm, check_eps
@@ -22,12 +23,6 @@ from harness.threat import Norm, check_eps
 
 PGD = {Norm.LINF: "pgd-linf", Norm.L2: "pgd-l2"}
 SQUARE = {Norm.LINF: "ta-square", Norm.L2: "ta-square-l2"}
-
-
-def rank_eps(context, norm: Norm) -> float:
-    """The eps a check runs at for `norm`: the board's rank-by eps for its norm, the largest of the grid otherwise."""
-    rank_norm, eps = context.rank_by
-    return eps if rank_norm is norm else max(context.grid[norm])
 
 
 def _norm_list(norms) -> tuple[Norm, ...] | None:
