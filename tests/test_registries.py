@@ -15,6 +15,7 @@ from harness.matrix import run
 from harness.models import build_model
 from harness.registry import CHECKS, DATASETS, DEFENSES
 from harness.store import ResultStore
+from tests.test_matrix import SPEC
 
 
 @pytest.mark.parametrize("dataset_id", list(DATASETS))
@@ -56,32 +57,8 @@ def _generic_options(check) -> dict:
     return {"examples": 20} if isinstance(getattr(parameters.get("examples"), "default", None), int) else {}
 
 
-TINY = """
-[benchmark]
-name = "every-check"
-dataset = "mnist5k"
-eval_examples = 20
-batch_size = 20
-
-[eps]
-linf = [0.1, 0.3]
-l2 = [1.5]
-
-[defenses.natural]
-recipe = "natural"
-epochs = 1
-
-[attacks.fgsm]
-attack = "fgsm"
-
-[attacks.pgd]
-attack = "pgd-linf"
-steps = 5
-
-[attacks.pgd-l2]
-attack = "pgd-l2"
-steps = 5
-"""
+# test_matrix's tiny benchmark (a one-step, an iterative L-inf and an L2 column, two L-inf eps) on 20 examples
+TINY = SPEC.replace('name = "tiny"', 'name = "every-check"').replace("eval_examples = 60", "eval_examples = 20")
 
 
 @pytest.fixture(scope="module")
