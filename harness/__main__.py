@@ -59,6 +59,10 @@ def _parser() -> argparse.ArgumentParser:
                           help="a comparison, repeatable (default: pgd-at, trades, ls-gn, fgsm-at-full at linf 0.3; "
                                "pgd-at, pgd-at-l2 at l2 2)")
     strength.add_argument("--json", type=Path, default=STRENGTH_JSON, help="where to write the result")
+    strength.add_argument("--reuse", type=Path, default=None, metavar="JSON",
+                          help="an earlier strength-per-cost JSON: take its AutoAttack rows where checkpoint, examples, "
+                               "threat, attack options, seed, device and library versions all match, instead of "
+                               "rerunning them (the rows say so)")
     strength.add_argument("--home", type=Path, default=None, help="checkpoint cache folder's parent (default $HARNESS_HOME or ./.harness)")
     strength.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     strength.add_argument("--no-progress", action="store_true", help="no progress bars")
@@ -79,13 +83,15 @@ def _strength(args) -> int:
             if len(parts) != 3:
                 raise ValueError(f"--case {case!r}: give DEFENSE:NORM:EPS, e.g. pgd-at:linf:0.3")
             cases.append((parts[0], Norm.parse(parts[1]), float(parts[2])))
+    reuse = strength.load(args.reuse) if args.reuse is not None else []
     result = strength.compare_cases(spec, cases, cache_dir=(args.home or default_home()) / "checkpoints",
-                                    device=resolve_device(args.device), progress=not args.no_progress)
+                                    device=resolve_device(args.device), progress=not args.no_progress, reuse=reuse)
     for comparison in result["comparisons"]:
         for row in comparison["rows"]:
             print(f"harness: {comparison['defense']} {comparison['norm']} {comparison['eps']:g}: {row['label']}: "
                   f"{row['robust']:.1f}% robust, {row['forward_evals'] + row['gradient_evals']} model evaluations, "
-                  f"{row['seconds']:.1f} s")
+                  f"{row['seconds']:.1f} s" + (f" (reused from {row['reused_from']['date'][:10]})"
+                                               if row.get("reused_from") else ""))
     print(f"harness: wrote {strength.write(result, args.json)}")
     return 0
 

@@ -165,7 +165,9 @@ def strength_summary(comparisons: list[dict]) -> list[str]:
 def strength_section(result: dict) -> list[str]:
     """One comparison in full (every row) as markdown lines."""
     table = pd.DataFrame([{
-        "attack": row["label"], "robust (%)": row["robust"], "model evaluations": _evaluations(row),
+        "attack": row["label"] + (f" (run {row['reused_from']['date'][:10]}, commit {row['reused_from']['commit']})"
+                                  if row.get("reused_from") else ""),
+        "robust (%)": row["robust"], "model evaluations": _evaluations(row),
         "per example": _evaluations(row) / result["examples"],
         "forward": row["forward_evals"], "gradient": row["gradient_evals"], "wall (s)": row["seconds"],
         "broke what ours missed": "-" if row.get("broken_only_by_this") is None else row["broken_only_by_this"],

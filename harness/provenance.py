@@ -14,7 +14,7 @@ def library_versions() -> dict[str, str]:
     import numpy
 
     versions = {"python": platform.python_version(), "torch": torch.__version__, "numpy": numpy.__version__}
-    for name, module in (("art", "art"), ("torchattacks", "torchattacks")):
+    for name, module in (("art", "art"), ("torchattacks", "torchattacks"), ("pyautoattack", "pyautoattack")):
         try:
             versions[name] = __import__(module).__version__
         except ImportError:

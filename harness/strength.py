@@ -53,8 +53,14 @@ OURS = "ours: the benchmark's worst-case cascade"
 
 
 def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_dir: Path, device: torch.device,
-            contenders: tuple | None = None, progress: bool = True, data: Dataset | None = None) -> dict:
-    """Run our cascade and every contender on `defense` at (norm, eps); the comparison as a JSON-ready dict."""
+            contenders: tuple | None = None, progress: bool = True, data: Dataset | None = None,
+            reuse: list[dict] = ()) -> dict:
+    """Run our cascade and every contender on `defense` at (norm, eps); the comparison as a JSON-ready dict.
+
+    A contender row of an earlier comparison in `reuse` is taken instead of rerunning the contender when it
+    attacked the same checkpoint, examples and (norm, eps) with the same attack, options, seed, device and
+    library versions (see `reusable_row`): AutoAttack's result does not depend on our cascade, and it is the
+    expensive half of a comparison. The row keeps its own date and commit under "reused_from"."""
     data = data if data is not None else load_dataset(spec.dataset, **dict(spec.dataset_options))
     names = [d.name for d in spec.defenses]
     if defense not in names:
@@ -86,6 +92,12 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
         attack = AttackSpec(label, attack_id, tuple(sorted(options)), norm, (eps,))
         if attack.build().norm is not norm:
             raise ValueError(f"contender {attack_id!r} is not a {norm.value} attack")
+        identity = {"defense_key": clean.defense_key, "norm": norm.value, "eps": eps, "examples": int(len(clean_correct)),
+                    "seed": spec.seed, "device": str(device), "versions": library_versions()}
+        earlier = reusable_row(reuse, identity, attack_id, attack.options)
+        if earlier is not None:
+            rows.append(earlier)
+            continue
         cell = _cell(spec, data, defense, clean.defense_key, attack, eps)
         started = time.perf_counter()
         outcome = evaluate_cell(cell, model, runner.x, runner.y, batch_size=spec.batch_size, device=device,
@@ -93,7 +105,7 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
         seconds = time.perf_counter() - started
         # The clean pass that chose the attacked examples is part of the contender's cost, as it is of ours.
         rows.append(_row(label, attack_id, outcome.robust_correct, seconds + done[clean.key].seconds,
-                         outcome.forward_evals + done[clean.key].forward_evals, outcome.gradient_evals))
+                         outcome.forward_evals + done[clean.key].forward_evals, outcome.gradient_evals, attack.options))
     for row in rows:
         vector = np.asarray(row["robust_vector"], dtype=bool)
         row["broken_only_by_this"] = int((~vector & ours).sum()) if row["label"] != OURS else None
@@ -107,15 +119,30 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
     }
 
 
+def reusable_row(reuse: list[dict], identity: dict, attack_id: str, options: tuple) -> dict | None:
+    """The contender row of an earlier comparison with this identity (checkpoint key, norm, eps, examples, seed,
+    device, library versions), attack and options, marked as reused; None when there is none."""
+    wanted = [list(option) for option in options]
+    for comparison in reuse:
+        if any(comparison.get(field) != value for field, value in identity.items()):
+            continue
+        for row in comparison["rows"]:
+            if row["label"] != OURS and row["attack"] == attack_id and row.get("options") == wanted:
+                source = row.get("reused_from") or {"date": comparison["date"], "commit": comparison["commit"]}
+                return {**row, "reused_from": source}
+    return None
+
+
 def compare_cases(spec: BenchmarkSpec, cases, **options) -> dict:
     """`compare` for each (defense, norm, eps) of `cases`, in one result: {"comparisons": [...]}."""
     return {"comparisons": [compare(spec, defense=defense, norm=norm, eps=eps, **options) for defense, norm, eps in cases]}
 
 
-def _row(label: str, attack: str, robust: np.ndarray, seconds: float, forward: int, gradient: int) -> dict:
-    return {"label": label, "attack": attack, "robust": 100 * float(robust.mean()), "seconds": seconds,
-            "forward_evals": int(forward), "gradient_evals": int(gradient),
-            "robust_vector": [bool(v) for v in robust]}
+def _row(label: str, attack: str, robust: np.ndarray, seconds: float, forward: int, gradient: int,
+         options: tuple = ()) -> dict:
+    return {"label": label, "attack": attack, "options": [list(option) for option in options],
+            "robust": 100 * float(robust.mean()), "seconds": seconds, "forward_evals": int(forward),
+            "gradient_evals": int(gradient), "robust_vector": [bool(v) for v in robust]}
 
 
 def write(result: dict, path: Path) -> Path:

@@ -68,6 +68,25 @@ def test_ours_is_the_per_example_worst_case_and_contenders_are_counted(tmp_path,
     assert f"| {ours['robust']:.2f} " in text and "### `natural`, L∞ 0.15" in text
     assert strength.load(strength.write(result, tmp_path / "one.json")) == [result]  # a single comparison reads too
 
+    # --reuse: a contender row of an earlier run on the same checkpoint, examples, threat, options and versions is
+    # taken as it was (a planted vector proves it was not rerun); a row from another checkpoint is rerun.
+    planted = {**result, "rows": [dict(row) for row in result["rows"]]}
+    planted["rows"][1]["robust_vector"] = [not v for v in autoattack["robust_vector"]]
+    elsewhere = {**planted, "defense_key": "another-checkpoint"}
+    again = strength.compare(spec, defense="natural", norm=Norm.LINF, eps=0.15, cache_dir=tmp_path / "ckpt",
+                             device=torch.device("cpu"), contenders=CONTENDERS, progress=False, data=mnist,
+                             reuse=[elsewhere, planted])
+    reused = again["rows"][1]
+    assert reused["robust_vector"] == planted["rows"][1]["robust_vector"]
+    assert reused["reused_from"] == {"date": result["date"], "commit": result["commit"]}
+    assert reused["broken_only_by_this"] == int((~np.asarray(reused["robust_vector"]) & np.asarray(ours["robust_vector"])).sum())
+    assert (f"AutoAttack standard, small budget (run {result['date'][:10]}, commit {result['commit']})"
+            in "\n".join(strength_section(again)))
+    again = strength.compare(spec, defense="natural", norm=Norm.LINF, eps=0.15, cache_dir=tmp_path / "ckpt",
+                             device=torch.device("cpu"), contenders=CONTENDERS, progress=False, data=mnist,
+                             reuse=[elsewhere])
+    assert again["rows"][1]["robust_vector"] == autoattack["robust_vector"] and "reused_from" not in again["rows"][1]
+
 
 def test_bad_requests_name_what_is_allowed(tmp_path, mnist):
     path = tmp_path / "spec.toml"
