@@ -1,4 +1,4 @@
-"""Command line: `python -m harness run|report|check|list|attack-cost|strength-per-cost`."""
+"""Command line: `python -m harness run|report|check|list|attack-cost|strength-per-cost|power`."""
 from __future__ import annotations
 
 import argparse
@@ -66,7 +66,41 @@ def _parser() -> argparse.ArgumentParser:
     strength.add_argument("--home", type=Path, default=None, help="checkpoint cache folder's parent (default $HARNESS_HOME or ./.harness)")
     strength.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
     strength.add_argument("--no-progress", action="store_true", help="no progress bars")
+    text = "how many test examples a comparison of two accuracies needs, and what a sample size separates"
+    power = sub.add_parser("power", help=text, description=text)
+    power.add_argument("--accuracy", type=float, required=True, help="the better accuracy, a share in (0, 1), e.g. 0.6")
+    power.add_argument("--difference", type=float, required=True, help="the difference to detect, a share, e.g. 0.02")
+    power.add_argument("--discordant", type=float, default=None,
+                       help="share of examples on which the two models disagree, when both run on the same examples")
+    power.add_argument("--alpha", type=float, default=0.05, help="two-sided significance level (default 0.05)")
+    power.add_argument("--power", type=float, default=0.8, help="power (default 0.8)")
     return parser
+
+
+def _power(args) -> int:
+    from harness.statistics import examples_needed, smallest_separable
+
+    for name, value in (("--alpha", args.alpha), ("--power", args.power)):
+        if not 0 < value < 1:
+            print(f"harness: error: {name} must lie in (0, 1), got {value}", file=sys.stderr)
+            return 2
+    try:
+        unpaired = examples_needed(args.accuracy, args.difference, alpha=args.alpha, power=args.power)
+        paired = None if args.discordant is None else examples_needed(
+            args.accuracy, args.difference, alpha=args.alpha, power=args.power, discordant=args.discordant)
+    except ValueError as error:
+        print(f"harness: error: {error}", file=sys.stderr)
+        return 2
+    print(f"To tell {100 * args.accuracy:g}% from {100 * (args.accuracy - args.difference):g}% "
+          f"(two-sided, alpha {args.alpha:g}, power {args.power:g}):")
+    print(f"  independent samples: {unpaired:,} test examples per model")
+    if paired is not None:
+        print(f"  the same examples, {100 * args.discordant:g}% of them discordant (McNemar): {paired:,} examples")
+    for examples in (100, 500, 1000, 10000):
+        print(f"  {examples:>6,} examples per model separate about "
+              f"{100 * smallest_separable(args.accuracy, examples, alpha=args.alpha, power=args.power):.1f} points "
+              f"near {100 * args.accuracy:g}%")
+    return 0
 
 
 def _strength(args) -> int:
@@ -177,6 +211,8 @@ def _dispatch(args) -> int:
         return _list(args.what)
     if args.command == "convert-weights":
         return _convert(args)
+    if args.command == "power":
+        return _power(args)
     if args.command == "attack-cost":
         from harness.attack_cost import render
 

@@ -16,12 +16,12 @@ from harness.store import ResultStore
 from harness.tables import collecting, write_json
 
 
-def _write_board(path: Path, render) -> Path:
+def _write_board(path: Path, render, versions: dict) -> Path:
     """Write the markdown `render()` returns, and beside it `<board>.json` with the raw values of its tables."""
     with collecting() as frames:
         markdown = render()
     path.write_text(markdown)
-    write_json(path, markdown, frames)
+    write_json(path, markdown, frames, versions=versions)
     return path
 
 
@@ -36,10 +36,12 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
     path = out_dir / f"{spec.name}.md"
     trained = any(log.get("epochs") for log in board.trainings.values())
     paths = [_write_board(path, lambda: render_markdown(board, command=command, figure=figure.as_posix(),
-                                                       training_figure=training_figure.as_posix() if trained else None))]
+                                                       training_figure=training_figure.as_posix() if trained else None),
+                         board.versions)]
     if spec.checks:
         sanity_path = out_dir / sanity_file(spec)
-        paths.append(_write_board(sanity_path, lambda: render_sanity(board, out_dir, command=command)))
+        paths.append(_write_board(sanity_path, lambda: render_sanity(board, out_dir, command=command),
+                                  board.versions))
     if spec.label_leak_pairs:
         frame = label_leak_frame(board)
         leak_figure = Path("figures") / f"{spec.name}-label-leaking.png"
@@ -48,5 +50,5 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
         paths.append(_write_board(leak_path, lambda: render_label_leak_markdown(
             spec, frame, command=command, figure=leak_figure.as_posix(), commit=", ".join(board.commits) or code_commit(),
             probe=perturbation_probe_frame(board) if spec.perturbation_probe else None,
-            robust_features=robust_features_section(spec, board.robust_features))))
+            robust_features=robust_features_section(spec, board.robust_features)), board.versions))
     return paths

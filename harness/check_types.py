@@ -8,6 +8,7 @@ import math
 from dataclasses import dataclass, field
 
 from harness.records import CellRecord
+from harness.statistics import ALPHA, discordant_test
 from harness.threat import Norm, check_eps
 
 
@@ -142,6 +143,19 @@ def _above(value: float, threshold: float) -> bool:
 
 def _grade(value: float, warn: float, fail: float) -> Status:
     return Status.FAIL if _above(value, fail) else Status.WARN if _above(value, warn) else Status.PASS
+
+
+def _graded_if_significant(value: float, warn: float, fail: float, gained: int, lost: int) -> tuple[Status, str]:
+    """`_grade`, but a difference above a threshold counts only when it is significant too: `gained` examples that
+    only the challenging attack (or budget) breaks against `lost` that only the reference breaks, on the same
+    examples, under the exact one-sided McNemar test at 5%. On 100 examples one example is one point, so a
+    threshold alone would flip a verdict on noise. Returns the status and a clause saying both."""
+    test = discordant_test(gained, lost, alternative="greater")
+    clause = f"{gained} vs {lost} discordant examples, exact one-sided McNemar p = {test.p_value:.2g}"
+    status = _grade(value, warn, fail)
+    if status is not Status.PASS and test.p_value >= ALPHA:
+        return Status.PASS, f"{clause}: not significant at {ALPHA:.0%}, within sampling noise"
+    return status, clause
 
 
 class Check:

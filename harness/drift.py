@@ -51,6 +51,8 @@ def compare(committed: dict, regenerated: dict, *, tolerance: float = 1.0) -> li
             problems.append(f"[{heading}] row {row!r} column {column!r} is missing from the regenerated board")
             continue
         fresh = new[key]
+        if isinstance(value, dict) and isinstance(fresh, dict) and "percent" in value and "percent" in fresh:
+            value, fresh = value["percent"], fresh["percent"]  # an accuracy with its interval: the value decides
         if _number(value) and _number(fresh):
             if abs(float(value) - float(fresh)) > tolerance:
                 problems.append(f"[{heading}] {row} / {column}: committed {value:g}, regenerated {fresh:g}")
@@ -69,4 +71,14 @@ def compare_files(committed_board: Path, regenerated_board: Path, *, tolerance: 
     committed, fresh = committed_board.with_suffix(".json"), regenerated_board.with_suffix(".json")
     if not committed.is_file():
         return [f"{committed}: no stored numbers beside the committed board; regenerate it with `python -m harness run`"]
-    return compare(json.loads(committed.read_text()), json.loads(fresh.read_text()), tolerance=tolerance)
+    old, new = json.loads(committed.read_text()), json.loads(fresh.read_text())
+    problems = compare(old, new, tolerance=tolerance)
+    return ([f"computed with {cause}" for cause in provenance_differences(old, new)] if problems else []) + problems
+
+
+def provenance_differences(committed: dict, regenerated: dict) -> list[str]:
+    """Library versions and CPU numerics that differ between two boards: when numbers drift, the likely cause
+    (trained weights are bit-identical only with the same versions and numerics)."""
+    old, new = committed.get("versions", {}), regenerated.get("versions", {})
+    return [f"{name} {old.get(name, 'unrecorded')!s} on the committed board, {new.get(name, 'unrecorded')!s} here"
+            for name in sorted(old.keys() | new.keys()) if old.get(name) != new.get(name)]

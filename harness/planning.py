@@ -45,8 +45,9 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
     keys = defense_keys(spec, data)
     context = spec.check_context()
     checks = [(check_spec.check_id, check_spec.build()) for check_spec in spec.checks]
-    for defense in spec.defenses:
+    for defense in spec.all_defenses:
         model_key = keys[defense.name]
+        replica = defense.replica_of is not None  # a training-seed replica: clean and the rank-by threat's chain only
         clean = _cell(spec, data, defense.name, model_key, None, 0.0)
         cells.append(clean)
         chains: dict[tuple[str, float], list[str]] = {}
@@ -54,6 +55,8 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
         columns: dict[tuple, Cell] = {}
         for attack in cascade_order(spec) if spec.cascade else spec.attacks:
             for eps in attack.eps:
+                if replica and (attack.norm, eps) != spec.rank_by:
+                    continue
                 chain = chains.setdefault((attack.norm.value, eps), [clean.key])
                 after = () if runs_on_every_example(spec, attack) else tuple(chain)
                 source = None if attack.source is None else (attack.source, keys[attack.source])
@@ -64,6 +67,8 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                     white_box.setdefault((attack.norm.value, eps), [clean.key]).append(cell.key)
                 if source is None:
                     columns.setdefault(_same_draws(attack, eps), cell)
+        if replica:
+            continue
         if spec.perturbation_probe:  # on every evaluation example, 5-fold cross-validated
             probe = ProbeRequest(PERTURBATION_PROBE, "perturbation-labels", (("folds", 5),), spec.eval_examples)
             cells.append(_cell(spec, data, defense.name, model_key, None, 0.0, probe=probe, check=LABEL_LEAK,

@@ -28,7 +28,7 @@ def external_key(defense: DefenseSpec) -> str:
 def defense_keys(spec: BenchmarkSpec, data: Dataset) -> dict[str, str]:
     """The model identity of every defense row, computed without training: checkpoint keys (which include
     the keys of ensemble sources) or external-file hashes."""
-    by_name = {d.name: d for d in spec.defenses}
+    by_name = {d.name: d for d in spec.all_defenses}
     keys: dict[str, str] = {}
 
     def key_of(defense: DefenseSpec) -> str:
@@ -37,10 +37,10 @@ def defense_keys(spec: BenchmarkSpec, data: Dataset) -> dict[str, str]:
                 keys[defense.name] = external_key(defense)
             else:
                 sources = tuple(key_of(by_name[name]) for name in defense.recipe.ensemble_sources)
-                keys[defense.name] = checkpoint_key(defense.recipe, data, spec.seed, sources)
+                keys[defense.name] = checkpoint_key(defense.recipe, data, spec.training_seed(defense), sources)
         return keys[defense.name]
 
-    for defense in spec.defenses:
+    for defense in spec.all_defenses:
         key_of(defense)
     return keys
 
@@ -99,7 +99,7 @@ def prepare_defenses(spec: BenchmarkSpec, names: Iterable[str], data: Dataset, *
     validated first (import, build, load, a forward pass with finite logits), before any training starts.
     With `failed`, a trained defense that cannot be used (non-finite outputs) is recorded there (name -> reason)
     and the others go on; a bad external model, or any failure without `failed`, raises."""
-    by_name = {d.name: d for d in spec.defenses}
+    by_name = {d.name: d for d in spec.all_defenses}
     prepared: dict[str, PreparedDefense] = {}
     names = list(dict.fromkeys(names))
 
@@ -113,7 +113,7 @@ def prepare_defenses(spec: BenchmarkSpec, names: Iterable[str], data: Dataset, *
                 failed[name] = f"its ensemble source {source!r} failed: {failed[source]}"
                 return
         try:
-            prepared[name] = prepare_defense(defense, data, seed=spec.seed, cache_dir=cache_dir, device=device,
+            prepared[name] = prepare_defense(defense, data, seed=spec.training_seed(defense), cache_dir=cache_dir, device=device,
                                              progress=progress, sources=prepared)
         except (ValueError, FileNotFoundError) as error:
             if failed is None or defense.recipe is None:  # a user's model that does not work stops the run at once

@@ -19,7 +19,20 @@ def library_versions() -> dict[str, str]:
             versions[name] = __import__(module).__version__
         except ImportError:
             versions[name] = "not installed"
+    versions["cpu numerics"] = cpu_numerics()
     return versions
+
+
+def cpu_numerics() -> str:
+    """The vector code PyTorch computes with on the CPU (harness/__init__.py pins it): boards trained with different
+    numerics differ in the last bits, and training makes those bits different models."""
+    import os
+
+    from harness import PINNED_CPU_NUMERICS
+
+    settings = [torch.backends.cpu.get_cpu_capability()] + [
+        f"{name}={os.environ[name]}" for name in PINNED_CPU_NUMERICS if name != "ATEN_CPU_CAPABILITY" and name in os.environ]
+    return " ".join(settings)
 
 
 OUTPUTS = ("leaderboards",)  # what the harness writes into the tree: regenerating the boards leaves the code clean

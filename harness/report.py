@@ -17,6 +17,8 @@ from harness.data import Dataset
 from harness.cells import LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell
 from harness.planning import cascade_order, plan, runs_on_every_example
 from harness.provenance import code_commit, library_versions
+from harness.ranking import (interval_footnote, ranking_frame, ranking_note, seed_spread_frame, seed_spread_note,
+                             with_intervals)
 from harness.spec import BenchmarkSpec
 from harness.check_types import Check, Evidence, Status, Verdict
 from harness.store import CellRecord, ResultStore
@@ -49,6 +51,8 @@ class Leaderboard:
     evidence: dict[str, dict[str, Evidence]]  # check id -> defense -> what that check reads
     verdicts: dict[str, dict[str, Verdict]]  # defense -> check id -> verdict
     perturbation: dict[str, CellRecord | None]  # defense -> its perturbation-probe cell (label-leak board)
+    vectors: dict[str, dict[str, np.ndarray]]  # defense -> summary column (Clean, Worst ...) -> per-example outcomes
+    seeds: dict[str, list[tuple[int, np.ndarray | None, np.ndarray | None]]]  # defense -> (seed, clean, worst at rank-by)
     robust_features: CellRecord | None = None  # the D_rand / D_det cell (label-leak board), when the spec asks
 
 
@@ -155,6 +159,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     robust_cell = next((cell for cells in leak_cells.values() for cell in cells if cell.request == ROBUST_FEATURES), None)
 
     summary_rows, detail_rows, costs_rows, curves = [], {norm: [] for norm, _ in spec.eps}, [], {}
+    vectors: dict[str, dict[str, np.ndarray]] = {}
     trainings: dict[str, dict] = {}
     for defense in spec.defenses:
         pairs = by_defense[defense.name]
@@ -169,6 +174,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
                                  f"[{status.label}]({sanity_file(spec)}#{defense_anchor(defense.name)})")
         summary.update({"Training evals (k)": training_evals / 1e3 if defense.recipe is not None and training else None,
                         "Clean": None if clean is None else 100 * clean.mean()})
+        vectors[defense.name] = {} if clean is None else {"Clean": clean}
         details = {norm: {"Defense": defense.name, "Clean": summary["Clean"]} for norm in detail_rows}
         curves[defense.name] = {}
         for norm, grid in spec.eps:
@@ -180,6 +186,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
                 summary[f"Worst {_column(norm, eps)}"] = None if worst is None else 100 * worst.mean()
                 if worst is not None:
                     curve.append((eps, 100 * worst.mean()))
+                    vectors[defense.name][f"Worst {_column(norm, eps)}"] = worst
                 for c, r in at_eps:
                     details[norm][_column(norm, eps, c.attack.label)] = None if r is None else r.robust_accuracy
             curves[defense.name][norm] = curve
@@ -206,6 +213,9 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
                if spec.checks else {}),
         })
 
+    seeds = {defense.name: [(spec.training_seed(model), *_clean_and_worst(by_defense.get(model.name, []), spec.rank_by))
+                            for model in (defense, *copies)]
+             for defense in spec.defenses if (copies := [r for r in spec.replicas if r.replica_of == defense.name])}
     summary = pd.DataFrame(summary_rows)
     rank_column = f"Worst {_column(*spec.rank_by)}"
     # A defense whose sanity verdict is fail ranks below every other, whatever its numbers say.
@@ -221,8 +231,16 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     outcomes = {(c.defense, c.label, c.eps): records.get(c.key) for c in cells}
     perturbation = {name: records.get(cell.key) for name, cell in probes.items()}
     return Leaderboard(spec, summary, details, curves, costs, trainings, outcomes, missing, commits, versions,
-                       checks, evidence, verdicts, perturbation,
+                       checks, evidence, verdicts, perturbation, vectors, seeds,
                        None if robust_cell is None else records.get(robust_cell.key))
+
+
+def _clean_and_worst(pairs: list[tuple[Cell, CellRecord | None]], rank_by) -> tuple[np.ndarray | None, np.ndarray | None]:
+    """One model's clean vector and its per-example worst case at the rank-by threat (None while missing)."""
+    clean = pairs[0][1].clean_correct if pairs and pairs[0][1] is not None else None
+    at = [r for c, r in pairs if c.attack is not None and (c.attack.norm, c.eps) == rank_by]
+    worst = np.logical_and.reduce([r.robust_correct for r in at]) if at and all(r is not None for r in at) else None
+    return clean, worst
 
 
 def _total(costs: list[tuple[float, float] | None]) -> float | None:
@@ -262,7 +280,16 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
         lines += [f"**Sanity verdict missing** for {', '.join(unjudged)}: some of their checks have no evidence in the "
                   f"store (see `{sanity_file(spec)}`), so nothing vouches for their numbers; read those rows as "
                   "unchecked.", ""]
-    lines += ["## Ranking", "", _markdown(board.summary), ""]
+    rank_column = f"Worst {_column(*spec.rank_by)}"
+    ranked = [overall(board.verdicts[name]) is not Status.FAIL for name in board.summary["Defense"]]
+    ranking = ranking_frame(board.summary, board.vectors, rank_column, ranked)
+    worst = board.summary[rank_column].dropna()
+    near = min(max(float(worst.max()) / 100, 0.05), 0.95) if len(worst) else 0.5  # where the top of the board sits
+    lines += ["## Ranking", "", _markdown(ranking), "",
+              ranking_note(rank_column, max(sum(ranked) - 1, 0), spec.eval_examples, near), ""]
+    if board.seeds:
+        lines += ["## Training-seed spread", "", seed_spread_note(rank_column), "",
+                  _markdown(seed_spread_frame(board.seeds, rank_column)), ""]
     if spec.cascade:
         every = [a.label for a in spec.attacks if runs_on_every_example(spec, a)]
         lines += ["The attack tables below ran as a **cascade**: at each eps the columns ran left to right, and each "
@@ -273,7 +300,8 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
                   + "The worst case equals that of every attack on every example: attack randomness depends only "
                   "on the example, not on which examples share a batch.", ""]
     for norm, frame in board.details.items():
-        lines += [f"## {norm.symbol} attacks", "", _markdown(frame), ""]
+        lines += [f"## {norm.symbol} attacks", "", _markdown(with_intervals(frame, spec.eval_examples), intervals=False), ""]
+    lines += [interval_footnote(spec.eval_examples), ""]
     lines += [f"![worst-case accuracy vs eps]({figure})", ""]
     lines += ["## Attacks", ""]
     attacks = pd.DataFrame([

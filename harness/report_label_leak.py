@@ -11,6 +11,7 @@ from attacks_ext.label_leak import perturbation_probe_rows, robust_feature_rows,
 from defenses.probes import robust_feature_settings
 from harness.cells import CLEAN
 from harness.figures import pyplot, save_figure
+from harness.ranking import interval_footnote
 from harness.report import Leaderboard, _markdown
 from harness.spec import BenchmarkSpec
 from harness.store import CellRecord
@@ -129,6 +130,8 @@ def render_label_leak_markdown(spec: BenchmarkSpec, frame: pd.DataFrame, *, comm
         "## Leaked-label counts",
         "",
         _markdown(frame),
+        "",
+        interval_footnote(spec.eval_examples, "Every accuracy on this board", stored=False),
         "",
         f"![accuracy vs eps, true-label and label-free]({figure})",
         "",

@@ -9,6 +9,7 @@ import pandas as pd
 
 from harness.check_types import Verdict
 from harness.provenance import code_commit
+from harness.ranking import interval_footnote
 from harness.report import MISSING, MISSING_VERDICT, Leaderboard, _markdown, overall
 
 
@@ -32,6 +33,12 @@ def render_sanity(board: Leaderboard, out_dir: Path, *, command: str) -> str:
         "probes it asks for, computed by the same runner) that returns **pass**, **warn** or **fail**, the figure that "
         "decided it and a short reason. A defense's verdict on the leaderboard is the worst of its checks; a defense "
         "that fails ranks below every other. Thresholds are options of each check in the benchmark TOML.",
+        "",
+        "A check that compares two attacks or budgets on the same examples (gradient-free, transfer, restart and step "
+        "sweeps, iterative vs one-step, S-O vs PGD) warns or fails only when the difference is above its threshold "
+        "**and** significant: the exact one-sided McNemar test on the paired per-example outcomes, p < 0.05 (the "
+        "reason gives both). Most checks run on 100 examples, where one example is one point. "
+        + interval_footnote(100, "An accuracy measured on 100 examples", stored=False),
         "",
         "## Verdicts",
         "",

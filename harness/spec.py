@@ -35,7 +35,7 @@ def _fail(path: Path | str, key: str, message: str):
 
 
 BENCHMARK_KEYS = {"name", "dataset", "dataset_options", "seed", "eval_examples", "batch_size", "rank_by", "cascade",
-                  "eot_samples"}
+                  "eot_samples", "training_seeds"}
 EXTERNAL_KEYS = {"factory", "weights", "options"}
 
 
@@ -108,12 +108,37 @@ def _load_defense(path, name: str, table: dict) -> DefenseSpec:
         return DefenseSpec(name, external=ExternalModel(factory, weights, tuple(sorted(options.items()))))
     if "recipe" not in table:
         _fail(path, key, "needs recipe = '<recipe id>' or factory + weights for an external model")
-    overrides = {k: v for k, v in table.items() if k != "recipe"}
+    overrides = {k: v for k, v in table.items() if k not in ("recipe", "training_seeds")}
     try:
         recipe = build_recipe(table["recipe"], **overrides)
     except (KeyError, ValueError, TypeError) as error:
         _fail(path, key, str(error))
     return DefenseSpec(name, recipe=recipe)
+
+
+def _training_seeds(path, key: str, value, seed: int) -> tuple[int, ...]:
+    if not isinstance(value, list) or not value or any(not isinstance(s, int) or isinstance(s, bool) or s < 0 for s in value):
+        _fail(path, key, f"must be a non-empty list of integers >= 0, e.g. [0, 1, 2]; got {value!r}")
+    if len(set(value)) != len(value):
+        _fail(path, key, f"lists a seed twice: {value!r}")
+    if seed not in value:
+        _fail(path, key, f"must include the benchmark's seed {seed} (the row's own model); got {value!r}")
+    return tuple(value)
+
+
+def _replicas(path, raw_defenses: dict, defenses: tuple[DefenseSpec, ...], seeds, seed: int) -> tuple[DefenseSpec, ...]:
+    """`<name>@seed<s>` for every trained defense and every listed seed but the benchmark's: [benchmark]
+    training_seeds applies to every trained defense, a defense's own training_seeds overrides it."""
+    default = () if seeds is None else _training_seeds(path, "benchmark.training_seeds", seeds, seed)
+    replicas = []
+    for defense in defenses:
+        own = raw_defenses[defense.name].get("training_seeds")
+        listed = default if own is None else _training_seeds(path, f"defenses.{defense.name}.training_seeds", own, seed)
+        if defense.recipe is None:  # an external model has no training seed (its table rejects the key)
+            continue
+        replicas += [DefenseSpec(f"{defense.name}@seed{s}", recipe=defense.recipe, seed=s, replica_of=defense.name)
+                     for s in listed if s != seed]
+    return tuple(replicas)
 
 
 def _check_ensemble_sources(path, defenses: tuple[DefenseSpec, ...]) -> None:
@@ -283,6 +308,7 @@ def load(path: str | Path) -> BenchmarkSpec:
         _fail(path, "defenses", "needs at least one [defenses.NAME] table")
     defenses = tuple(_load_defense(path, name, table) for name, table in raw["defenses"].items())
     _check_ensemble_sources(path, defenses)
+    replicas = _replicas(path, raw["defenses"], defenses, bench.get("training_seeds"), seed)
     if not isinstance(raw["attacks"], dict) or not raw["attacks"]:
         _fail(path, "attacks", "needs at least one [attacks.NAME] table")
     attacks = tuple(_load_attack(path, label, table, grid, defenses) for label, table in raw["attacks"].items())
@@ -322,4 +348,5 @@ def load(path: str | Path) -> BenchmarkSpec:
         batch_size=_positive_int(path, "benchmark.batch_size", bench.get("batch_size", 250)),
         eot_samples=_positive_int(path, "benchmark.eot_samples", bench.get("eot_samples", 8)),
         eps=tuple(grid.items()), defenses=defenses, attacks=attacks, rank_by=(rank_norm, float(rank_eps)),
+        replicas=replicas,
     )

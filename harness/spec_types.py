@@ -27,6 +27,8 @@ class DefenseSpec:
     name: str
     recipe: Recipe | None = None
     external: ExternalModel | None = None
+    seed: int | None = None  # the training seed; None: the benchmark's seed
+    replica_of: str | None = None  # a training-seed replica of this row (no row of its own; the seed-spread table)
 
     @property
     def kind(self) -> str:
@@ -83,6 +85,15 @@ class BenchmarkSpec:
     perturbation_probe: bool = False  # [label_leak] perturbation_probe: linear probes on sign-gradient perturbations
     robust_features: tuple[tuple[str, object], ...] = ()  # [label_leak] robust_features: source defense and options
     eot_samples: int = 8  # forward passes attacks average on a model whose outputs are randomized (EOT)
+    replicas: tuple[DefenseSpec, ...] = ()  # the same recipes trained with the other `training_seeds`
+
+    @property
+    def all_defenses(self) -> tuple[DefenseSpec, ...]:
+        """The rows and their training-seed replicas: every model the benchmark trains or loads."""
+        return self.defenses + self.replicas
+
+    def training_seed(self, defense: DefenseSpec) -> int:
+        return self.seed if defense.seed is None else defense.seed
 
     @property
     def label_leak_columns(self) -> frozenset[str]:

@@ -11,17 +11,21 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
+from harness.statistics import Accuracy
+
 MISSING = "—"  # what a table shows for a value not in the store yet
 _collected: list[tuple[pd.DataFrame, str]] | None = None
 
 
-def markdown_table(frame: pd.DataFrame, digits: int = 1) -> str:
-    """`frame` as a pipe table, floats to `digits` places; the raw frame is kept with its text while
-    `collecting()`."""
+def markdown_table(frame: pd.DataFrame, digits: int = 1, *, intervals: bool = True) -> str:
+    """`frame` as a pipe table, floats to `digits` places, accuracies with their interval (or without, in wide
+    tables: `intervals=False`); the raw frame is kept with its text while `collecting()`."""
 
     def cell(value):
         if value is None or (isinstance(value, float) and math.isnan(value)):
             return MISSING
+        if isinstance(value, Accuracy):
+            return value.text(digits) if intervals else f"{value.percent:.{digits}f}"
         if isinstance(value, (float, np.floating)):
             return f"{value:.{digits}f}"
         return str(value)
@@ -45,6 +49,8 @@ def collecting():
 
 
 def _plain(value):
+    if isinstance(value, Accuracy):
+        return value.as_json()
     if isinstance(value, (np.integer,)):
         return int(value)
     if isinstance(value, (float, np.floating)):
@@ -77,9 +83,10 @@ def board_tables(markdown: str, rendered: list[tuple[pd.DataFrame, str]]) -> lis
             for _, heading, frame in sorted(placed, key=lambda item: item[0])]
 
 
-def write_json(path: Path, markdown: str, frames: list[tuple[pd.DataFrame, str]]) -> Path:
-    """`<board>.json` beside `<board>.md`: its tables with their raw values."""
+def write_json(path: Path, markdown: str, frames: list[tuple[pd.DataFrame, str]], *, versions: dict | None = None) -> Path:
+    """`<board>.json` beside `<board>.md`: its tables with their raw values, and the library versions and CPU
+    numerics its cells were computed with (the drift check names a difference there as the likely cause)."""
     json_path = path.with_suffix(".json")
-    json_path.write_text(json.dumps({"board": path.name, "tables": board_tables(markdown, frames)}, indent=1,
-                                    ensure_ascii=False) + "\n")
+    stored = {"board": path.name, "versions": versions or {}, "tables": board_tables(markdown, frames)}
+    json_path.write_text(json.dumps(stored, indent=1, ensure_ascii=False) + "\n")
     return json_path

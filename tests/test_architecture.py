@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 PACKAGES = ("harness", "attacks_ext", "defenses")
 
 # Lowest first. A module may import its own layer and the ones below, never one above.
-FOUNDATION = {"harness", "harness.registry", "harness.threat", "harness.data", "harness.models", "harness.counting",
+FOUNDATION = {"harness", "harness.registry", "harness.threat", "harness.data", "harness.models", "harness.counting", "harness.statistics",
               "harness.figures", "harness.provenance", "harness.records", "harness.check_types", "attacks_ext.base"}
 LAYERS = ("foundation", "attacks", "defenses", "runner")
 

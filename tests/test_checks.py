@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from attacks_ext.checks import RestartSweep, StepSweep
+from attacks_ext.checks import GradientFreeVsWhiteBox, RestartSweep, StepSweep
 from attacks_ext.checks import Column, Context, Evidence, FgsmDirectionLoss, GradientNormTrace, MonotoneInEps, Status
 from harness import drift, report_sanity
 from harness import report, spec as spec_module
@@ -200,23 +200,45 @@ def evidence(*, requested=None, matrix=None, columns=None) -> Evidence:
     return Evidence("d", context, columns or {}, matrix or {}, requested or {})
 
 
+def tiled(vector, times=25):
+    """The same outcomes on `times` as many examples: the same percentages, far more evidence."""
+    return np.tile(np.asarray(vector, dtype=bool), times)
+
+
 def test_restart_sweep_counts_an_example_only_if_it_survives_every_restart():
     check = RestartSweep(restarts=4, warn_drop=1.0)
     runs = [[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1]]
-    verdict = check.evaluate(evidence(requested={f"linf: restart {i + 1}": record(r) for i, r in enumerate(runs)}))
+    verdict = check.evaluate(evidence(requested={f"linf: restart {i + 1}": record(tiled(r)) for i, r in enumerate(runs)}))
     assert verdict.details == {"L∞ 1 restarts": 100.0, "L∞ 2 restarts": 75.0, "L∞ 4 restarts": 50.0}
-    assert verdict.status is Status.WARN  # the last doubling still lowered accuracy by 25 points
+    assert verdict.status is Status.WARN  # the last doubling still lowered accuracy by 25 points (25 of 100 examples)
+    few = check.evaluate(evidence(requested={f"linf: restart {i + 1}": record(r) for i, r in enumerate(runs)}))
+    assert few.status is Status.PASS and "not significant" in few.reason  # the same 25 points, but one example of 4
     converged = [[1, 1, 0, 0]] * 4
     assert check.evaluate(evidence(requested={f"linf: restart {i + 1}": record(r) for i, r in enumerate(converged)})).status is Status.PASS
 
 
 def test_step_sweep_warns_while_more_steps_still_help():
     check = StepSweep(steps=[10, 20, 40], warn_drop=1.0)
-    curve = {"linf: steps 10": record([1, 1, 1, 1]), "linf: steps 20": record([1, 1, 1, 0]),
-             "linf: steps 40": record([1, 0, 0, 0])}
+    curve = {"linf: steps 10": record(tiled([1, 1, 1, 1])), "linf: steps 20": record(tiled([1, 1, 1, 0])),
+             "linf: steps 40": record(tiled([1, 0, 0, 0]))}
     assert check.evaluate(evidence(requested=curve)).status is Status.WARN
-    curve["linf: steps 40"] = record([1, 1, 1, 0])
+    curve["linf: steps 40"] = record(tiled([1, 1, 1, 0]))
     assert check.evaluate(evidence(requested=curve)).status is Status.PASS
+
+
+@pytest.mark.parametrize("broken_only, status", [(1, Status.PASS), (3, Status.PASS), (5, Status.WARN), (15, Status.FAIL)])
+def test_gradient_free_flags_what_it_alone_breaks_only_when_significant(broken_only, status):
+    """100 examples, warn above 2%, fail above 10%: 3 examples (3%) are above the warn threshold but 3 vs 0
+    discordant examples is no evidence (one-sided exact p = 0.125); 5 are (p = 0.031); 15 fail."""
+    check = GradientFreeVsWhiteBox(examples=100)
+    pgd = Column("pgd", Norm.LINF, "iterative", (0.1, 0.3))
+    context = Context({Norm.LINF: (0.1, 0.3)}, (Norm.LINF, 0.3), 100, columns=(pgd,))
+    white_box = record([1] * 80 + [0] * 20)
+    square = record([1] * (80 - broken_only) + [0] * (20 + broken_only))
+    verdict = check.evaluate(Evidence("d", context, {"pgd": pgd}, {("pgd", 0.3): white_box},
+                                      {check.name(Norm.LINF, check.kind): square}))
+    assert verdict.status is status
+    assert ("not significant" in verdict.reason) is (broken_only == 3)
 
 
 def test_monotone_check_flags_accuracy_rising_with_eps():
@@ -248,8 +270,10 @@ def test_gradient_trace_runs_under_each_norm_and_warns_where_s_o_beats_pgd():
                                                                               "trace l2": ("l2", 2.0)}
     same = trace([1, 1, 0, 0], [1, 1, 0, 0], "linf", 0.3)
     evidence_of = lambda l2: Evidence("d", context, {}, {}, {"trace linf": same, "trace l2": l2})  # noqa: E731
-    verdict = check.evaluate(evidence_of(trace([1, 1, 1, 0], [1, 0, 0, 0], "l2", 2.0)))
-    assert verdict.status is Status.WARN and "at L2 2" in verdict.reason
+    assert check.evaluate(evidence_of(trace([1, 1, 1, 0], [1, 0, 0, 0], "l2", 2.0))).status is Status.PASS  # 2 of 4
+    same = trace(tiled([1, 1, 0, 0]), tiled([1, 1, 0, 0]), "linf", 0.3)
+    verdict = check.evaluate(evidence_of(trace(tiled([1, 1, 1, 0]), tiled([1, 0, 0, 0]), "l2", 2.0)))
+    assert verdict.status is Status.WARN and "at L2 2" in verdict.reason and "McNemar" in verdict.reason
     assert verdict.details == {"PGD L∞ 0.3 (%)": 50.0, "S-O L∞ 0.3 (%)": 50.0, "PGD L2 2 (%)": 75.0, "S-O L2 2 (%)": 25.0}
     assert check.evaluate(evidence_of(trace([1, 1, 0, 0], [1, 1, 0, 0], "l2", 2.0))).status is Status.PASS
     assert check.evaluate(evidence_of(None)).status is None  # one norm's probe missing: no verdict

@@ -246,3 +246,41 @@ def test_board_tables_follow_the_markdown_not_the_render_order():
     assert [(t["section"], t["rows"]) for t in tables] == [("Ranking", [["a", 97.0]]), ("Robust features", [["D_rand", 12.5]])]
     with pytest.raises(RuntimeError, match="written by hand"):
         board_tables(markdown + "\n## Extra\n\n| a |\n|:--|\n| 1 |\n", rendered)
+
+
+def test_training_seed_replicas_get_their_own_checkpoints_and_only_the_rank_by_cells(tmp_path, mnist):
+    from harness.planning import plan
+    from harness.preparation import defense_keys
+
+    path = tmp_path / "seeds.toml"
+    path.write_text(SEEDS_SPEC)
+    loaded = spec_module.load(path)
+    keys = defense_keys(loaded, mnist)
+    assert len({keys["natural"], keys["natural@seed1"], keys["natural@seed2"]}) == 3
+    cells = plan(loaded, mnist)
+    replica = [(c.label, c.eps) for c in cells if c.defense == "natural@seed1"]
+    assert replica == [("clean", 0.0), ("pgd", 0.3)]  # not eps 0.1, no check cells
+    assert {(c.label, c.eps) for c in cells if c.defense == "natural"} >= {("pgd", 0.1), ("pgd", 0.3)}
+
+
+SEEDS_SPEC = """
+[benchmark]
+name = "seeds"
+dataset = "mnist5k"
+eval_examples = 20
+rank_by = ["linf", 0.3]
+cascade = true
+[eps]
+linf = [0.1, 0.3]
+[defenses.natural]
+recipe = "natural"
+epochs = 1
+training_seeds = [0, 1, 2]
+[attacks.pgd]
+attack = "pgd-linf"
+steps = 5
+[checks.restart-sweep]
+restarts = 2
+steps = 5
+examples = 10
+"""

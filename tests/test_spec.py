@@ -114,3 +114,22 @@ def test_ensemble_source_cycles_are_rejected(tmp_path):
                     '\n[defenses.b]\nrecipe = "ensemble-at"\nensemble_sources = ["a"]\n')
     with pytest.raises(spec.SpecError, match="cycle: a -> b -> a"):
         spec.load(path)
+
+
+@pytest.mark.parametrize("bench, defense, message", [
+    ("training_seeds = 1", "", r"\[benchmark.training_seeds\] must be a non-empty list"),
+    ("training_seeds = [1, 2]", "", "must include the benchmark's seed 0"),
+    ("", "training_seeds = [0, 0]", r"\[defenses.natural.training_seeds\] lists a seed twice"),
+    ("", "training_seeds = [0, -1]", "must be a non-empty list of integers >= 0"),
+])
+def test_training_seeds_are_validated_with_the_key(tmp_path, bench, defense, message):
+    with pytest.raises(spec.SpecError, match=message):
+        spec.load(write(tmp_path, benchmark=bench, defense=defense))
+
+
+def test_training_seeds_make_replicas_of_trained_defenses_and_a_defense_overrides_the_benchmark(tmp_path):
+    loaded = spec.load(write(tmp_path, benchmark="training_seeds = [0, 1]\nseed = 0", defense="training_seeds = [0, 3, 4]"))
+    assert [(r.name, r.seed, r.replica_of) for r in loaded.replicas] == [("natural@seed3", 3, "natural"),
+                                                                         ("natural@seed4", 4, "natural")]
+    assert [d.name for d in loaded.defenses] == ["natural"] and loaded.training_seed(loaded.defenses[0]) == 0
+    assert spec.load(write(tmp_path)).replicas == ()

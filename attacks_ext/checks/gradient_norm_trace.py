@@ -1,13 +1,15 @@
 """The `gradient-norm-trace` check (`GradientNormTrace`) and its probe (`probe_gradient_trace`)."""
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 
 from attacks_ext.checks.plotting import _label, _line_styles, _save
 from attacks_ext.pgd import ProjectedGradientDescent
 from attacks_ext.second_order import SecondOrderAttack
-from harness.check_types import Check, ProbeRequest, Status, _above, _count, _default_eps, _missing, _number
+from harness.check_types import Check, ProbeRequest, Status, _count, _default_eps, _graded_if_significant, _missing, _number
 from harness.figures import pyplot
 from harness.registry import CHECKS, PROBES
 from harness.threat import Norm
@@ -69,11 +71,12 @@ class GradientNormTrace(Check):
             details.update({f"PGD {at} (%)": pgd, f"S-O {at} (%)": so})
             parts.append(f"{at}: PGD-{self.steps} {pgd:.1f}%, S-O {so:.1f}% (mean ‖∇‖₁ {m['pgd_grad_l1'][0]:.3g} → "
                          f"{m['pgd_grad_l1'][-1]:.3g} along PGD)")
-            gaps.append((pgd - so, at))
-        gap, at = max(gaps)
-        status = Status.WARN if _above(gap, self.warn_margin) else Status.PASS
+            pgd_correct, so_correct = np.asarray(m["pgd_correct"], bool), np.asarray(m["so_correct"], bool)
+            gaps.append((pgd - so, at, int((pgd_correct & ~so_correct).sum()), int((so_correct & ~pgd_correct).sum())))
+        gap, at, gained, lost = max(gaps)
+        status, test = _graded_if_significant(gap, self.warn_margin, math.inf, gained, lost)
         reason = ("the second-order attack finds nothing PGD misses" if gap <= 0 else
-                  f"S-O beats PGD by {gap:.1f} points at {at}"
+                  f"S-O beats PGD by {gap:.1f} points at {at} ({test})"
                   + (" (within tolerance)" if status is Status.PASS else
                      ": the first-order gradient vanishes around the points PGD reaches"))
         return self._verdict(status, "; ".join(parts), reason, **details)

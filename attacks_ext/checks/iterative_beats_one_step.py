@@ -3,7 +3,8 @@ from __future__ import annotations
 
 import math
 
-from harness.check_types import AttackRequest, Check, Column, Status, Verdict, _count, _grade, _missing, _thresholds
+from harness.check_types import (AttackRequest, Check, Column, Status, Verdict, _count, _graded_if_significant, _missing,
+                                 _thresholds)
 from harness.registry import CHECKS
 from harness.threat import Norm
 
@@ -50,20 +51,22 @@ class IterativeBeatsOneStep(Check):
         compared = self.compared_columns(evidence.context)
         if not compared:
             return Verdict(self.id, Status.NOT_APPLICABLE, "", "no eps has both a one-step and an iterative column")
-        worst, where = -math.inf, ""
+        worst, where, gained, lost = -math.inf, "", 0, 0
         for (norm, eps), columns in sorted(compared.items(), key=lambda item: (item[0][0].value, item[0][1])):
             by_family = {}
             for column in columns:
                 record = record_of(column, eps)
                 if record is None:
                     return _missing(self.id, f"{column.label} @ {eps:g}")
-                by_family.setdefault(column.family, []).append((record.robust_accuracy, column.label))
-            one, iterative = min(by_family["one-step"]), min(by_family["iterative"])
+                by_family.setdefault(column.family, []).append((record.robust_accuracy, column.label, record.robust_correct))
+            one, iterative = (min(by_family[family], key=lambda entry: entry[0]) for family in ("one-step", "iterative"))
             if iterative[0] - one[0] > worst:
                 worst = iterative[0] - one[0]
                 where = f"{iterative[1]} {iterative[0]:.1f}% vs {one[1]} {one[0]:.1f}% at {norm.symbol} {eps:g}"
-        status = _grade(worst, self.warn, self.fail)
+                # paired on the same examples: broken by the one-step attack alone against by the iterative alone
+                gained, lost = int((iterative[2] & ~one[2]).sum()), int((one[2] & ~iterative[2]).sum())
+        status, test = _graded_if_significant(worst, self.warn, self.fail, gained, lost)
         reason = ("the first iterative attack beats the strongest one-step attack at every eps" if worst <= 0 else
-                  f"a one-step attack beats the first iterative one by {worst:.1f} points"
+                  f"a one-step attack beats the first iterative one by {worst:.1f} points ({test})"
                   + (" (within tolerance)" if status is Status.PASS else ": the iterative attacks' gradients are masked"))
         return self._verdict(status, f"closest: {where}", reason, **{"Iterative − one-step (points)": worst})

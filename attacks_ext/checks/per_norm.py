@@ -10,14 +10,16 @@ missing ("not run"), never a pass.
 """
 from __future__ import annotations
 
+import math
+
 import numpy as np
-from scipy import stats
 
 from attacks_ext.checks.plotting import _line_styles, _save
-from harness.check_types import (AttackRequest, Check, Status, Verdict, _above, _grade, _missing, _number,
-                                 _thresholds, rank_eps)
+from harness.check_types import (AttackRequest, Check, Status, Verdict, _above, _grade, _graded_if_significant, _missing,
+                                 _number, _thresholds, rank_eps)
 from harness.figures import pyplot
 from harness.registry import ATTACKS
+from harness.statistics import discordant_test
 from harness.threat import Norm, check_eps
 
 
@@ -134,7 +136,7 @@ def _rises(points: list[tuple[float, np.ndarray]], alpha: float = 0.05) -> tuple
             rise = 100 * (gained - lost) / len(v0)
             if rise <= best or not gained:
                 continue
-            p_value = stats.binomtest(gained, gained + lost, 0.5, alternative="greater").pvalue
+            p_value = discordant_test(gained, lost, alternative="greater").p_value
             if p_value < alpha:
                 best = rise
                 where = (f"{100 * v0.mean():.1f}% at {x0:g} → {100 * v1.mean():.1f}% at {x1:g}; {gained} examples "
@@ -187,13 +189,18 @@ class _Sweep(_BudgetCurve):
             return self._verdict(_grade(rise, self.warn_rise, self.fail_rise), figure,
                                  f"accuracy rises by {rise:.1f} points with more {self.x_label} ({where}): "
                                  + RISE_REASON, **details)
-        if _above(drop, self.warn_drop):
+        vectors = self._vectors(evidence, norm)
+        at_half, at_last = vectors[-2][1] if len(vectors) > 1 else vectors[0][1], vectors[-1][1]
+        status, test = _graded_if_significant(drop, self.warn_drop, math.inf, int((at_half & ~at_last).sum()),
+                                              int((at_last & ~at_half).sum()))
+        if status is Status.WARN:
             return self._verdict(Status.WARN, figure,
                                  f"going from {half_x} to {last_x} {self.x_label} still lowers accuracy by {drop:.1f} "
-                                 f"points (> {self.warn_drop:g}): the attack has not converged; the board's numbers "
-                                 "overstate robustness", **details)
+                                 f"points (> {self.warn_drop:g}; {test}): the attack has not converged; the board's "
+                                 "numbers overstate robustness", **details)
         return self._verdict(Status.PASS, figure, f"going from {half_x} to {last_x} {self.x_label} lowers accuracy by "
-                             f"{drop:.1f} points (≤ {self.warn_drop:g}) and it never rises: converged", **details)
+                             f"{drop:.1f} points ({f'≤ {self.warn_drop:g}' if not _above(drop, self.warn_drop) else test})"
+                             " and it never rises: converged", **details)
 
     def plot(self, evidences, path):
         return self._panels(evidences, path, self._curve, xlabel=lambda norm: self.x_label, log2_x=True,
@@ -232,13 +239,16 @@ class _BeatsWhiteBox(PerNormCheck):
             return _missing(self.id, f"{self.kind} cell or white-box columns")
         n = len(record.robust_correct)
         survived_white = np.logical_and.reduce([r.robust_correct[:n] for _, r in white])
-        only_weaker = 100 * float((survived_white & ~record.robust_correct).mean())
-        status = _grade(only_weaker, self.warn, self.fail)
+        broken_only = int((survived_white & ~record.robust_correct).sum())
+        only_weaker = 100 * broken_only / n
+        # It attacks only what the white-box columns left standing, so no example falls to them alone that it
+        # could have broken as well: the other discordant count is zero.
+        status, test = _graded_if_significant(only_weaker, self.warn, self.fail, broken_only, 0)
         label = self._label(norm)
         figure = (f"white-box {100 * survived_white.mean():.1f}%, then {label} {record.robust_accuracy:.1f}% at "
                   f"eps {eps:g}; {only_weaker:.1f}% of examples broken only by {label}")
         reason = (f"the {self.kind} attack finds nothing the white-box attacks missed" if only_weaker == 0 else
-                  f"{only_weaker:.1f}% of examples fall only to the {self.kind} attack"
+                  f"{only_weaker:.1f}% of examples fall only to the {self.kind} attack ({test})"
                   + (" (within tolerance)" if status is Status.PASS else
                      ": white-box gradients are masked or the white-box attacks are too weak"))
         return self._verdict(status, figure, reason, **{"White-box": 100 * float(survived_white.mean()),
