@@ -283,7 +283,7 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
     rank_column = f"Worst {_column(*spec.rank_by)}"
     ranked = [overall(board.verdicts[name]) is not Status.FAIL for name in board.summary["Defense"]]
     ranking = ranking_frame(board.summary, board.vectors, rank_column, ranked)
-    worst = board.summary[rank_column].dropna()
+    worst = board.summary[rank_column][ranked].dropna()  # the ranked rows: a failing one's numbers mean nothing
     near = min(max(float(worst.max()) / 100, 0.05), 0.95) if len(worst) else 0.5  # where the top of the board sits
     lines += ["## Ranking", "", _markdown(ranking), "",
               ranking_note(rank_column, max(sum(ranked) - 1, 0), spec.eval_examples, near), ""]

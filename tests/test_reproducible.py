@@ -66,3 +66,21 @@ def test_training_and_attacks_are_bit_identical_on_an_emulated_intel_haswell():
     native = _run(FINGERPRINT, _clean_env())
     emulated = _run(FINGERPRINT, _clean_env(), prefix=("qemu-x86_64", "-cpu", "Haswell"))
     assert native == emulated
+
+
+def test_the_drift_check_names_different_numerics_or_versions_as_the_likely_cause(tmp_path):
+    from harness import drift
+
+    def board(name, value, numerics):
+        path = tmp_path / name / "b.md"
+        path.parent.mkdir()
+        path.with_suffix(".json").write_text(__import__("json").dumps({
+            "versions": {"torch": "2.13.0+cpu", "cpu numerics": numerics},
+            "tables": [{"section": "s", "columns": ["Defense", "Clean"], "rows": [["a", value]]}]}))
+        return path
+
+    committed = board("old", 96.8, "AVX512")
+    problems = drift.compare_files(committed, board("new", 97.8 + 1, "AVX2 MKL_CBWR=COMPATIBLE"), tolerance=1.0)
+    assert problems[0] == "computed with cpu numerics AVX512 on the committed board, AVX2 MKL_CBWR=COMPATIBLE here"
+    assert len(problems) == 2
+    assert drift.compare_files(committed, board("same", 97.0, "AVX2"), tolerance=1.0) == []  # no drift: no cause

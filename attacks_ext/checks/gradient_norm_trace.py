@@ -9,7 +9,8 @@ import torch
 from attacks_ext.checks.plotting import _label, _line_styles, _save
 from attacks_ext.pgd import ProjectedGradientDescent
 from attacks_ext.second_order import SecondOrderAttack
-from harness.check_types import Check, ProbeRequest, Status, _count, _default_eps, _graded_if_significant, _missing, _number
+from harness.check_types import (Check, ProbeRequest, Status, _above, _count, _default_eps, _graded_if_significant, _missing,
+                                 _number)
 from harness.figures import pyplot
 from harness.registry import CHECKS, PROBES
 from harness.threat import Norm
@@ -77,8 +78,8 @@ class GradientNormTrace(Check):
         status, test = _graded_if_significant(gap, self.warn_margin, math.inf, gained, lost)
         reason = ("the second-order attack finds nothing PGD misses" if gap <= 0 else
                   f"S-O beats PGD by {gap:.1f} points at {at} ({test})"
-                  + (" (within tolerance)" if status is Status.PASS else
-                     ": the first-order gradient vanishes around the points PGD reaches"))
+                  + (": the first-order gradient vanishes around the points PGD reaches" if status is not Status.PASS
+                     else "" if _above(gap, self.warn_margin) else " (within tolerance)"))
         return self._verdict(status, "; ".join(parts), reason, **details)
 
     def plot(self, evidences, path):

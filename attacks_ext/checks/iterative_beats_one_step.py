@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import math
 
-from harness.check_types import (AttackRequest, Check, Column, Status, Verdict, _count, _graded_if_significant, _missing,
+from harness.check_types import (AttackRequest, Check, Column, Status, Verdict, _above, _count, _graded_if_significant, _missing,
                                  _thresholds)
 from harness.registry import CHECKS
 from harness.threat import Norm
@@ -68,5 +68,6 @@ class IterativeBeatsOneStep(Check):
         status, test = _graded_if_significant(worst, self.warn, self.fail, gained, lost)
         reason = ("the first iterative attack beats the strongest one-step attack at every eps" if worst <= 0 else
                   f"a one-step attack beats the first iterative one by {worst:.1f} points ({test})"
-                  + (" (within tolerance)" if status is Status.PASS else ": the iterative attacks' gradients are masked"))
+                  + (": the iterative attacks' gradients are masked" if status is not Status.PASS
+                     else "" if _above(worst, self.warn) else " (within tolerance)"))
         return self._verdict(status, f"closest: {where}", reason, **{"Iterative − one-step (points)": worst})

@@ -249,7 +249,7 @@ class _BeatsWhiteBox(PerNormCheck):
                   f"eps {eps:g}; {only_weaker:.1f}% of examples broken only by {label}")
         reason = (f"the {self.kind} attack finds nothing the white-box attacks missed" if only_weaker == 0 else
                   f"{only_weaker:.1f}% of examples fall only to the {self.kind} attack ({test})"
-                  + (" (within tolerance)" if status is Status.PASS else
-                     ": white-box gradients are masked or the white-box attacks are too weak"))
+                  + (": white-box gradients are masked or the white-box attacks are too weak" if status is not Status.PASS
+                     else "" if _above(only_weaker, self.warn) else " (within tolerance)"))
         return self._verdict(status, figure, reason, **{"White-box": 100 * float(survived_white.mean()),
                                                         f"Only {self.kind}": only_weaker})
