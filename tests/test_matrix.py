@@ -209,8 +209,8 @@ def test_boards_store_their_tables_beside_the_markdown(tiny_spec, tmp_path, mnis
     assert len(stored["tables"]) == markdown.count("\n|:") and stored["tables"][0]["section"] == "Ranking"
     ranking = stored["tables"][0]
     row = dict(zip(ranking["columns"], ranking["rows"][0]))
-    assert row["Defense"] == "natural" and isinstance(row["Clean"], float)
-    assert f"| {row['Clean']:.1f} " in markdown
+    assert row["Defense"] == "natural" and set(row["Clean"]) >= {"percent", "low", "high", "correct", "total"}
+    assert f"| {row['Clean']['percent']:.1f} [{row['Clean']['low']:.1f}, {row['Clean']['high']:.1f}] " in markdown
     assert drift.compare_files(path, path, tolerance=1.0) == []
 
 

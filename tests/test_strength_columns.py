@@ -51,7 +51,7 @@ def test_a_norm_that_never_ran_is_missing_not_a_pass():
     linf_only = {"linf: steps 10": record([1, 1, 0, 0]), "linf: steps 20": record([1, 1, 0, 0])}
     verdict = check.evaluate(Evidence("d", CONTEXT, {}, {}, linf_only))
     assert verdict.status is None and "L2" in verdict.reason
-    both = {**linf_only, "l2: steps 10": record([1, 1, 1, 0]), "l2: steps 20": record([1, 0, 0, 0])}
+    both = {**linf_only, "l2: steps 10": record([1, 1, 1, 0] * 25), "l2: steps 20": record([1, 0, 0, 0] * 25)}  # 50 of 100
     verdict = check.evaluate(Evidence("d", CONTEXT, {}, {}, both))
     assert verdict.status is Status.WARN and verdict.reason.startswith("L2:") and "L∞:" in verdict.figure
     assert verdict.details["L2 20 steps"] == 25.0
