@@ -158,6 +158,14 @@ def _graded_if_significant(value: float, warn: float, fail: float, gained: int, 
     return status, clause
 
 
+def _reason_tail(status: Status, value: float, warn: float, clause: str, meaning: str) -> str:
+    """What follows a difference in a verdict's reason: the test's clause, then what a warn or fail means; a
+    difference above `warn` that was not significant needs nothing more (its clause says so)."""
+    if status is not Status.PASS:
+        return f" ({clause}): {meaning}"
+    return f" ({clause})" + ("" if _above(value, warn) else " (within tolerance)")
+
+
 class Check:
     """Base of every check: `requests` (extra evidence), `evaluate` (pure), and optionally `plot`."""
 

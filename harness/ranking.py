@@ -48,8 +48,8 @@ def ranking_frame(summary: pd.DataFrame, vectors: dict[str, dict[str, np.ndarray
     frame = summary.copy()
     for column in frame.columns:
         if column == "Clean" or column.startswith("Worst "):
-            frame[column] = [vectors.get(name, {}).get(column) for name in frame["Defense"]]
-            frame[column] = [None if v is None else Accuracy.of(v) for v in frame[column]]
+            frame[column] = [None if (v := vectors.get(name, {}).get(column)) is None else Accuracy.of(v)
+                             for name in frame["Defense"]]
     ranks, to_next = grouped_ranks([vectors.get(name, {}).get(rank_column) for name in frame["Defense"]], ranked)
     frame.insert(0, "Rank", ranks)
     frame[f"p vs next ({rank_column.removeprefix('Worst ')})"] = [None if p is None else p_text(p) for p in to_next]

@@ -93,6 +93,11 @@ def overall(verdicts: dict[str, Verdict]) -> Status | None:
     return max(statuses)
 
 
+def passes_sanity(verdicts: dict[str, dict[str, Verdict]], names) -> list[bool]:
+    """Per defense, whether it takes part in the ranking: a failing sanity verdict puts it below every other."""
+    return [overall(verdicts[name]) is not Status.FAIL for name in names]
+
+
 def attacked_count(cell: Cell, record: CellRecord) -> int:
     """Examples the cell attacked: a cascade stores its mask; otherwise every example."""
     mask = record.measurements.get("attacked")
@@ -219,7 +224,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     summary = pd.DataFrame(summary_rows)
     rank_column = f"Worst {_column(*spec.rank_by)}"
     # A defense whose sanity verdict is fail ranks below every other, whatever its numbers say.
-    summary["_passes"] = [overall(verdicts[d.name]) is not Status.FAIL for d in spec.defenses]
+    summary["_passes"] = passes_sanity(verdicts, [d.name for d in spec.defenses])
     order = summary.sort_values(["_passes", rank_column, "Clean"], ascending=False, na_position="last", kind="stable").index
     summary = summary.drop(columns="_passes")
     summary = summary.loc[order].reset_index(drop=True)
@@ -281,7 +286,7 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
                   f"store (see `{sanity_file(spec)}`), so nothing vouches for their numbers; read those rows as "
                   "unchecked.", ""]
     rank_column = f"Worst {_column(*spec.rank_by)}"
-    ranked = [overall(board.verdicts[name]) is not Status.FAIL for name in board.summary["Defense"]]
+    ranked = passes_sanity(board.verdicts, board.summary["Defense"])
     ranking = ranking_frame(board.summary, board.vectors, rank_column, ranked)
     worst = board.summary[rank_column][ranked].dropna()  # the ranked rows: a failing one's numbers mean nothing
     near = min(max(float(worst.max()) / 100, 0.05), 0.95) if len(worst) else 0.5  # where the top of the board sits

@@ -122,3 +122,20 @@ def test_seed_spread_reports_mean_range_and_which_spread_is_larger():
     assert frame.loc["steady", "Larger spread"] == "sampling"
     assert frame.loc["erratic", "Larger spread"] == "training seed"      # 20-point range against ±4.3
     assert pd.isna(frame.loc["unfinished", "Worst L∞ 0.3 mean"]) and frame.loc["unfinished", "Clean range"] == 0
+
+
+def test_power_command_prints_the_sample_sizes_and_rejects_bad_input():
+    import subprocess
+    import sys
+
+    def power(*args):
+        return subprocess.run([sys.executable, "-m", "harness", "power", *args], capture_output=True, text=True)
+
+    done = power("--accuracy", "0.6", "--difference", "0.02", "--discordant", "0.1")
+    assert done.returncode == 0
+    assert f"{examples_needed(0.6, 0.02):,} test examples per model" in done.stdout
+    assert f"{examples_needed(0.6, 0.02, discordant=0.1):,} examples" in done.stdout
+    assert f"500 examples per model separate about {100 * smallest_separable(0.6, 500):.1f} points" in done.stdout
+    bad = power("--accuracy", "0.6", "--difference", "0.7")
+    assert bad.returncode == 2 and "need 0 < difference < accuracy < 1" in bad.stderr and "Traceback" not in bad.stderr
+    assert power("--accuracy", "0.6", "--difference", "0.02", "--alpha", "5").returncode == 2

@@ -9,8 +9,8 @@ import torch
 from attacks_ext.checks.plotting import _label, _line_styles, _save
 from attacks_ext.pgd import ProjectedGradientDescent
 from attacks_ext.second_order import SecondOrderAttack
-from harness.check_types import (Check, ProbeRequest, Status, _above, _count, _default_eps, _graded_if_significant, _missing,
-                                 _number)
+from harness.check_types import (Check, ProbeRequest, _count, _default_eps, _graded_if_significant, _missing, _number,
+                                 _reason_tail)
 from harness.figures import pyplot
 from harness.registry import CHECKS, PROBES
 from harness.threat import Norm
@@ -67,19 +67,18 @@ class GradientNormTrace(Check):
             return _missing(self.id, "gradient-trace probe")
         details, parts, gaps = {}, [], []
         for norm, eps, m in traces:
-            pgd, so = 100 * float(m["pgd_correct"].mean()), 100 * float(m["so_correct"].mean())
+            pgd_correct, so_correct = np.asarray(m["pgd_correct"], bool), np.asarray(m["so_correct"], bool)
+            pgd, so = 100 * float(pgd_correct.mean()), 100 * float(so_correct.mean())
             at = f"{norm.symbol} {eps:g}"
             details.update({f"PGD {at} (%)": pgd, f"S-O {at} (%)": so})
             parts.append(f"{at}: PGD-{self.steps} {pgd:.1f}%, S-O {so:.1f}% (mean ‖∇‖₁ {m['pgd_grad_l1'][0]:.3g} → "
                          f"{m['pgd_grad_l1'][-1]:.3g} along PGD)")
-            pgd_correct, so_correct = np.asarray(m["pgd_correct"], bool), np.asarray(m["so_correct"], bool)
             gaps.append((pgd - so, at, int((pgd_correct & ~so_correct).sum()), int((so_correct & ~pgd_correct).sum())))
         gap, at, gained, lost = max(gaps)
         status, test = _graded_if_significant(gap, self.warn_margin, math.inf, gained, lost)
         reason = ("the second-order attack finds nothing PGD misses" if gap <= 0 else
-                  f"S-O beats PGD by {gap:.1f} points at {at} ({test})"
-                  + (": the first-order gradient vanishes around the points PGD reaches" if status is not Status.PASS
-                     else "" if _above(gap, self.warn_margin) else " (within tolerance)"))
+                  f"S-O beats PGD by {gap:.1f} points at {at}" + _reason_tail(
+                      status, gap, self.warn_margin, test, "the first-order gradient vanishes around the points PGD reaches"))
         return self._verdict(status, "; ".join(parts), reason, **details)
 
     def plot(self, evidences, path):

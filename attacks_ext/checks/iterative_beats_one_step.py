@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import math
 
-from harness.check_types import (AttackRequest, Check, Column, Status, Verdict, _above, _count, _graded_if_significant, _missing,
-                                 _thresholds)
+from harness.check_types import (AttackRequest, Check, Column, Status, Verdict, _count, _graded_if_significant, _missing,
+                                 _reason_tail, _thresholds)
 from harness.registry import CHECKS
 from harness.threat import Norm
 
@@ -67,7 +67,6 @@ class IterativeBeatsOneStep(Check):
                 gained, lost = int((iterative[2] & ~one[2]).sum()), int((one[2] & ~iterative[2]).sum())
         status, test = _graded_if_significant(worst, self.warn, self.fail, gained, lost)
         reason = ("the first iterative attack beats the strongest one-step attack at every eps" if worst <= 0 else
-                  f"a one-step attack beats the first iterative one by {worst:.1f} points ({test})"
-                  + (": the iterative attacks' gradients are masked" if status is not Status.PASS
-                     else "" if _above(worst, self.warn) else " (within tolerance)"))
+                  f"a one-step attack beats the first iterative one by {worst:.1f} points"
+                  + _reason_tail(status, worst, self.warn, test, "the iterative attacks' gradients are masked"))
         return self._verdict(status, f"closest: {where}", reason, **{"Iterative − one-step (points)": worst})

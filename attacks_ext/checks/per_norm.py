@@ -16,7 +16,7 @@ import numpy as np
 
 from attacks_ext.checks.plotting import _line_styles, _save
 from harness.check_types import (AttackRequest, Check, Status, Verdict, _above, _grade, _graded_if_significant, _missing,
-                                 _number, _thresholds, rank_eps)
+                                 _number, _reason_tail, _thresholds, rank_eps)
 from harness.figures import pyplot
 from harness.registry import ATTACKS
 from harness.statistics import discordant_test
@@ -177,19 +177,19 @@ class _Sweep(_BudgetCurve):
         return self.eps_option.get(norm, rank_eps(context, norm))
 
     def _evaluate_at(self, evidence, norm):
-        curve = self._curve(evidence, norm)
-        if curve is None:
+        vectors = self._vectors(evidence, norm)
+        if vectors is None:
             return _missing(self.id, "sweep cells")
+        curve = [(x, 100 * float(v.mean())) for x, v in vectors]
         (first_x, first), (half_x, half), (last_x, last) = curve[0], curve[-2] if len(curve) > 1 else curve[0], curve[-1]
         drop = half - last
-        rise, where = _rises(self._vectors(evidence, norm))
+        rise, where = _rises(vectors)
         figure = f"{first:.1f}% at {first_x} → {half:.1f}% at {half_x} → {last:.1f}% at {last_x} {self.x_label}"
         details = {f"{x} {self.x_label}": a for x, a in curve}
         if _above(rise, self.warn_rise):
             return self._verdict(_grade(rise, self.warn_rise, self.fail_rise), figure,
                                  f"accuracy rises by {rise:.1f} points with more {self.x_label} ({where}): "
                                  + RISE_REASON, **details)
-        vectors = self._vectors(evidence, norm)
         at_half, at_last = vectors[-2][1] if len(vectors) > 1 else vectors[0][1], vectors[-1][1]
         status, test = _graded_if_significant(drop, self.warn_drop, math.inf, int((at_half & ~at_last).sum()),
                                               int((at_last & ~at_half).sum()))
@@ -248,8 +248,7 @@ class _BeatsWhiteBox(PerNormCheck):
         figure = (f"white-box {100 * survived_white.mean():.1f}%, then {label} {record.robust_accuracy:.1f}% at "
                   f"eps {eps:g}; {only_weaker:.1f}% of examples broken only by {label}")
         reason = (f"the {self.kind} attack finds nothing the white-box attacks missed" if only_weaker == 0 else
-                  f"{only_weaker:.1f}% of examples fall only to the {self.kind} attack ({test})"
-                  + (": white-box gradients are masked or the white-box attacks are too weak" if status is not Status.PASS
-                     else "" if _above(only_weaker, self.warn) else " (within tolerance)"))
+                  f"{only_weaker:.1f}% of examples fall only to the {self.kind} attack" + _reason_tail(
+                      status, only_weaker, self.warn, test, "white-box gradients are masked or the white-box attacks are too weak"))
         return self._verdict(status, figure, reason, **{"White-box": 100 * float(survived_white.mean()),
                                                         f"Only {self.kind}": only_weaker})
