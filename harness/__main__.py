@@ -149,7 +149,8 @@ def _list(what: str) -> int:
 
 
 def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]:
-    from harness import boards, spec as spec_module
+    from harness import spec as spec_module
+    from harness.reports import boards
     from harness.data import load_dataset
     from harness.matrix import run
     from harness.preparation import resolve_device
@@ -214,7 +215,7 @@ def _dispatch(args) -> int:
     if args.command == "power":
         return _power(args)
     if args.command == "attack-cost":
-        from harness.attack_cost import render
+        from harness.reports.attack_cost import render
 
         try:
             path = render(args.json, args.out, command="tox -e bench", strength=args.strength)
@@ -232,7 +233,7 @@ def _dispatch(args) -> int:
         if args.command in ("run", "report"):
             _run_and_render(args, args.home or default_home(), args.out, compute=args.command == "run")
             return 0
-        from harness import drift
+        from harness.reports import drift
 
         with tempfile.TemporaryDirectory(prefix="harness-check-") as scratch:
             scratch = Path(scratch)

@@ -40,7 +40,10 @@ class Verdict:
 
 @dataclass(frozen=True)
 class AttackRequest:
-    """An attack cell a check needs: `attack_id` with `options` at `eps` on the first `examples` test images."""
+    """An attack cell a check needs: `attack_id` with `options` at `eps` on the first `examples` test images.
+
+    The request itself is the key under which the check finds its cell in `Evidence`; `name` is how the store and
+    the boards name it (unique within the check)."""
 
     name: str
     attack_id: str
@@ -49,8 +52,8 @@ class AttackRequest:
     examples: int
     restart: int = 0  # independent repetitions of the same attack get their own cell (and seed)
     source: str | None = None  # a defense of the benchmark to craft on (a transfer attack); None: the target itself
-    after: tuple[str, ...] = ()  # names of this check's earlier requests: attack only the examples they all left
-    #                              robust (the stored vector is then cumulative); (): every example
+    after: tuple[AttackRequest, ...] = ()  # this check's earlier requests: attack only the examples they all left
+    #                                        robust (the stored vector is then cumulative); (): every example
     survivors_of: str | None = None  # "white-box": attack only what the matrix's white-box columns at (norm, eps)
     #                                  left robust; "matrix": what every column left (the worst case's survivors)
     sample: int | None = None  # attack at most this many of those survivors (the first ones); None: all
@@ -98,7 +101,11 @@ class Evidence:
     context: Context
     columns: dict[str, Column]
     matrix: dict[tuple[str, float], CellRecord | None]  # (column label, eps) -> cell; ("clean", 0.0) included
-    requested: dict[str, CellRecord | None]  # the check's request name -> cell
+    requested: dict[AttackRequest | ProbeRequest, CellRecord | None]  # the check's request -> its cell
+
+    def record(self, request: AttackRequest | ProbeRequest) -> CellRecord | None:
+        """The stored cell of one of the check's requests (the request object is the key); None while missing."""
+        return self.requested.get(request)
 
     @property
     def clean(self) -> CellRecord | None:
@@ -182,6 +189,10 @@ class Check:
 
     def evaluate(self, evidence: Evidence) -> Verdict:
         raise NotImplementedError
+
+    def records(self, evidence: Evidence) -> list[CellRecord | None]:
+        """The stored cells of this check's requests for the evidence's defense, in request order (None: missing)."""
+        return [evidence.record(request) for request in self.requests_for(evidence.context, evidence.defense)]
 
     def plot(self, evidences: dict[str, Evidence], path) -> bool:
         """Draw the check's figure for every defense into `path`; False when there is nothing to draw."""

@@ -3,7 +3,7 @@ decides its outcome, in cascade order (the chain's order is in `matrix`'s docstr
 from __future__ import annotations
 
 from harness.cells import LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell, _cell
-from harness.check_types import ProbeRequest
+from harness.check_types import AttackRequest, ProbeRequest
 from harness.data import Dataset
 from harness.preparation import defense_keys
 from harness.registry import ATTACKS
@@ -79,7 +79,7 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
             cells.append(_cell(spec, data, defense.name, model_key, None, 0.0, probe=probe, check=LABEL_LEAK,
                                request=probe.name))
         for check_id, check in checks:
-            named: dict[str, str] = {}  # this check's request names -> cell keys, for requests that come after others
+            named: dict[AttackRequest, str] = {}  # this check's requests -> cell keys, for requests that come after others
             for request in check.requests_for(context, defense.name):
                 common = dict(examples=request.examples, check=check_id, request=request.name)
                 if isinstance(request, ProbeRequest):
@@ -88,7 +88,7 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                 attack_spec = AttackSpec(f"{check_id}: {request.name}", request.attack_id, tuple(sorted(request.options)),
                                          ATTACKS.get(request.attack_id)(**dict(request.options)).norm, (request.eps,))
                 source = None if request.source is None else (request.source, keys[request.source])
-                after = tuple(named[name] for name in request.after)
+                after = tuple(named[earlier] for earlier in request.after)
                 if request.survivors_of is not None:
                     survivors = {"matrix": chains, "white-box": white_box}[request.survivors_of]
                     after += tuple(survivors.get((attack_spec.norm.value, request.eps), [clean.key]))
@@ -97,5 +97,5 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                 cells.append(_cell(spec, data, defense.name, model_key, attack_spec, request.eps, restart=request.restart,
                                    source=source, reuses=None if column is None else column.key, after=after,
                                    sample=request.sample, **common))
-                named[request.name] = cells[-1].key
+                named[request] = cells[-1].key
     return cells

@@ -46,3 +46,13 @@ def softmax():
 def not_a_module():
     """A broken factory: returns a dict instead of a model."""
     return {}
+
+
+def keyed(check, context, named: dict, defense: str = "d") -> dict:
+    """Hand-made evidence keyed as the store's is: each request name replaced by the check's request of that name
+    (an unknown name is an error, so a test cannot plant evidence that no check would read)."""
+    requests = {request.name: request for request in check.requests_for(context, defense)}
+    unknown = sorted(set(named) - set(requests))
+    if unknown:
+        raise KeyError(f"{unknown} name no request of {check.id}; its requests: {sorted(requests)}")
+    return {requests[name]: record for name, record in named.items()}

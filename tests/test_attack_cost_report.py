@@ -3,7 +3,7 @@ import json
 
 import pytest
 
-from harness.attack_cost import cost_table, load_benchmarks, render
+from harness.reports.attack_cost import cost_table, load_benchmarks, render
 
 
 def bench(attack, batch, median, forward=None, gradient=None, floor_ratio=None):

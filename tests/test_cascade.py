@@ -11,7 +11,7 @@ from attacks_ext.base import ExampleRandomness
 from attacks_ext.pgd import ProjectedGradientDescent, random_start
 from attacks_ext.second_order import SecondOrderAttack
 from harness.models import InputQuantization
-from harness import report
+from harness.reports import aggregate, leaderboard
 from harness import spec as spec_module
 from harness.counting import EvaluationCounter
 from harness.evaluation import evaluate_cell
@@ -182,7 +182,7 @@ def _board(tmp_path, mnist, cascade: bool):
     with ResultStore(folder / "results.sqlite") as store:
         summary = run(spec, store=store, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
         assert summary.failed == []
-        board = report.build(spec, store, mnist)
+        board = aggregate.build(spec, store, mnist)
         records = store.cells()
     return spec, board, records
 
@@ -216,7 +216,7 @@ def test_the_cascade_gives_the_worst_case_of_every_attack_on_every_example(tmp_p
     # naive is the same count in both runs: every attack on every example, run to the end
     assert cascaded.costs["Eval naive"].iloc[0] == pytest.approx(independent.costs["Eval naive"].iloc[0])
     assert spent(independent.costs) < independent.costs["Eval naive"].iloc[0]  # early stop alone saves
-    markdown = report.render_markdown(cascaded, command="test", figure="f.png")
+    markdown = leaderboard.render_markdown(cascaded, command="test", figure="f.png")
     assert "**cascade**" in markdown and "Model evaluations spent of naive" in markdown
     # in a cascade the iterative-vs-one-step check runs its own standalone cells, so it cannot pass trivially
     verdict = cascaded.verdicts["natural"]["iterative-beats-one-step"]

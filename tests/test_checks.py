@@ -9,8 +9,9 @@ from safetensors.torch import save_file
 
 from attacks_ext.checks import GradientFreeVsWhiteBox, RestartSweep, StepSweep
 from attacks_ext.checks import Column, Context, Evidence, FgsmDirectionLoss, GradientNormTrace, MonotoneInEps, Status
-from harness import drift, report_sanity
-from harness import report, spec as spec_module
+from harness.reports import drift, sanity as report_sanity
+from harness import spec as spec_module
+from harness.reports import aggregate
 from harness.matrix import run
 from harness.models import InputQuantization
 from harness.spec import SpecError
@@ -112,7 +113,7 @@ def planted_board(tmp_path_factory, natural_model, mnist):
     with ResultStore(folder / "results.sqlite") as store:
         summary = run(spec, store=store, cache_dir=folder / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
         assert summary.failed == []
-        board = report.build(spec, store, mnist)
+        board = aggregate.build(spec, store, mnist)
         sanity = report_sanity.render_sanity(board, folder / "out", command="test")
     return board, sanity, folder
 
@@ -163,7 +164,7 @@ def test_unbounded_eps_passes_a_model_robust_at_small_eps(planted_board):
 def test_failing_defenses_rank_below_every_passing_one(planted_board):
     board, sanity, folder = planted_board
     order = list(board.summary["Defense"])
-    failing = [d for d in order if report.overall(board.verdicts[d]) is Status.FAIL]
+    failing = [d for d in order if aggregate.overall(board.verdicts[d]) is Status.FAIL]
     assert {"quantized", "randomized", "softmax"} <= set(failing)
     assert order[-len(failing):] == failing
     ranking = board.summary.set_index("Defense")
@@ -195,9 +196,9 @@ def record(correct, name="x") -> CellRecord:
                       {}, "c", "cpu", "t")
 
 
-def evidence(*, requested=None, matrix=None, columns=None) -> Evidence:
+def evidence(*, check=None, requested=None, matrix=None, columns=None) -> Evidence:
     context = Context({Norm.LINF: (0.1, 0.3)}, (Norm.LINF, 0.3), 4)
-    return Evidence("d", context, columns or {}, matrix or {}, requested or {})
+    return Evidence("d", context, columns or {}, matrix or {}, planted.keyed(check, context, requested) if requested else {})
 
 
 def tiled(vector, times=25):
@@ -208,22 +209,22 @@ def tiled(vector, times=25):
 def test_restart_sweep_counts_an_example_only_if_it_survives_every_restart():
     check = RestartSweep(restarts=4, warn_drop=1.0)
     runs = [[1, 1, 1, 1], [1, 1, 0, 1], [1, 1, 1, 1], [0, 1, 1, 1]]
-    verdict = check.evaluate(evidence(requested={f"linf: restart {i + 1}": record(tiled(r)) for i, r in enumerate(runs)}))
+    verdict = check.evaluate(evidence(check=check, requested={f"linf: restart {i + 1}": record(tiled(r)) for i, r in enumerate(runs)}))
     assert verdict.details == {"L∞ 1 restarts": 100.0, "L∞ 2 restarts": 75.0, "L∞ 4 restarts": 50.0}
     assert verdict.status is Status.WARN  # the last doubling still lowered accuracy by 25 points (25 of 100 examples)
-    few = check.evaluate(evidence(requested={f"linf: restart {i + 1}": record(r) for i, r in enumerate(runs)}))
+    few = check.evaluate(evidence(check=check, requested={f"linf: restart {i + 1}": record(r) for i, r in enumerate(runs)}))
     assert few.status is Status.PASS and "not significant" in few.reason  # the same 25 points, but one example of 4
     converged = [[1, 1, 0, 0]] * 4
-    assert check.evaluate(evidence(requested={f"linf: restart {i + 1}": record(r) for i, r in enumerate(converged)})).status is Status.PASS
+    assert check.evaluate(evidence(check=check, requested={f"linf: restart {i + 1}": record(r) for i, r in enumerate(converged)})).status is Status.PASS
 
 
 def test_step_sweep_warns_while_more_steps_still_help():
     check = StepSweep(steps=[10, 20, 40], warn_drop=1.0)
     curve = {"linf: steps 10": record(tiled([1, 1, 1, 1])), "linf: steps 20": record(tiled([1, 1, 1, 0])),
              "linf: steps 40": record(tiled([1, 0, 0, 0]))}
-    assert check.evaluate(evidence(requested=curve)).status is Status.WARN
+    assert check.evaluate(evidence(check=check, requested=curve)).status is Status.WARN
     curve["linf: steps 40"] = record(tiled([1, 1, 1, 0]))
-    assert check.evaluate(evidence(requested=curve)).status is Status.PASS
+    assert check.evaluate(evidence(check=check, requested=curve)).status is Status.PASS
 
 
 @pytest.mark.parametrize("broken_only, status", [(1, Status.PASS), (3, Status.PASS), (5, Status.WARN), (15, Status.FAIL)])
@@ -236,7 +237,7 @@ def test_gradient_free_flags_what_it_alone_breaks_only_when_significant(broken_o
     white_box = record([1] * 80 + [0] * 20)
     square = record([1] * (80 - broken_only) + [0] * (20 + broken_only))
     verdict = check.evaluate(Evidence("d", context, {"pgd": pgd}, {("pgd", 0.3): white_box},
-                                      {check.name(Norm.LINF, check.kind): square}))
+                                      planted.keyed(check, context, {check.name(Norm.LINF, check.kind): square})))
     assert verdict.status is status
     assert ("not significant" in verdict.reason) is (broken_only == 3)
 
@@ -269,7 +270,7 @@ def test_gradient_trace_runs_under_each_norm_and_warns_where_s_o_beats_pgd():
     assert {name: (o["norm"], o["eps"]) for name, o in requests.items()} == {"trace linf": ("linf", 0.3),
                                                                               "trace l2": ("l2", 2.0)}
     same = trace([1, 1, 0, 0], [1, 1, 0, 0], "linf", 0.3)
-    evidence_of = lambda l2: Evidence("d", context, {}, {}, {"trace linf": same, "trace l2": l2})  # noqa: E731
+    evidence_of = lambda l2: Evidence("d", context, {}, {}, planted.keyed(check, context, {"trace linf": same, "trace l2": l2}))  # noqa: E731
     assert check.evaluate(evidence_of(trace([1, 1, 1, 0], [1, 0, 0, 0], "l2", 2.0))).status is Status.PASS  # 2 of 4
     same = trace(tiled([1, 1, 0, 0]), tiled([1, 1, 0, 0]), "linf", 0.3)
     verdict = check.evaluate(evidence_of(trace(tiled([1, 1, 1, 0]), tiled([1, 0, 0, 0]), "l2", 2.0)))
@@ -284,7 +285,8 @@ def test_gradient_trace_runs_under_each_norm_and_warns_where_s_o_beats_pgd():
 
 
 def test_a_missing_cell_gives_no_verdict_rather_than_a_pass():
-    verdict = RestartSweep().evaluate(evidence(requested={"linf: restart 1": record([1, 1, 1, 1])}))
+    check = RestartSweep()
+    verdict = check.evaluate(evidence(check=check, requested={"linf: restart 1": record([1, 1, 1, 1])}))
     assert verdict.status is None and "not run yet" in verdict.reason
 
 

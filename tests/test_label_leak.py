@@ -7,8 +7,9 @@ import torch
 
 from attacks_ext.label_leak import (certified_static, fit_robust_linear, held_out_predictions, perturbation_probe_rows,
                                     probe_perturbation_labels, relabelled_targets, score_label_leak)
-from harness import boards, drift
-from harness import report, spec as spec_module
+from harness.reports import boards, drift
+from harness import spec as spec_module
+from harness.reports import aggregate
 from harness.matrix import run
 from harness.planning import plan
 from harness.registry import ATTACKS
@@ -152,7 +153,7 @@ def test_robust_feature_leakage_runs_as_a_cell_and_renders_on_the_board(tmp_path
     with ResultStore(tmp_path / "s.sqlite") as store:
         summary = run(spec, store=store, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
         assert summary.failed == []
-        board = report.build(spec, store, mnist)
+        board = aggregate.build(spec, store, mnist)
         record = board.robust_features
         leak_board = boards.write(spec, store, mnist, tmp_path / "out", command="test")[1]
         markdown = leak_board.read_text()

@@ -9,8 +9,9 @@ import pytest
 import torch
 from safetensors.torch import save_file
 
-from harness import drift
-from harness import report, spec as spec_module
+from harness.reports import drift
+from harness import spec as spec_module
+from harness.reports import aggregate, leaderboard
 from harness.evaluation import SequentialExecutor
 from harness.matrix import run
 from harness.planning import plan
@@ -133,7 +134,7 @@ def test_worst_case_is_the_per_example_and(tiny_spec, tmp_path, mnist):
             outcomes[(cell.label, cell.eps)] = adv
             store.write_cell(CellRecord(cell.key, "tiny", cell.defense, cell.defense_key, cell.label, "x", {}, cell.norm,
                                         cell.eps, clean, adv, 1.0, 10, 10, cell.seed, {}, "abc", "cpu", "now"))
-        board = report.build(tiny_spec, store, mnist)
+        board = aggregate.build(tiny_spec, store, mnist)
     row = board.summary.iloc[0]
     assert row["Clean"] == pytest.approx(100 * clean.mean())
     worst = clean & outcomes[("fgsm", 0.3)] & outcomes[("pgd", 0.3)]
@@ -173,8 +174,8 @@ def test_external_model_goes_through_the_same_matrix(tmp_path, mnist, monkeypatc
     with ResultStore(tmp_path / "s.sqlite") as store:
         summary = run(spec, store=store, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
         assert summary.failed == [] and summary.computed == 6
-        board = report.build(spec, store, mnist)
-        markdown = report.render_markdown(board, command="test", figure="f.png")
+        board = aggregate.build(spec, store, mnist)
+        markdown = leaderboard.render_markdown(board, command="test", figure="f.png")
     row = board.summary.iloc[0]
     assert row["Defense"] == "mine" and row["Source"] == "external"
     assert row["Clean"] > 90
@@ -200,7 +201,7 @@ def test_boards_store_their_tables_beside_the_markdown(tiny_spec, tmp_path, mnis
     markdown it sits beside."""
     import json
 
-    from harness import boards
+    from harness.reports import boards
     with ResultStore(tmp_path / "s.sqlite") as store:
         run(tiny_spec, store=store, cache_dir=tmp_path / "ckpt", device=torch.device("cpu"), progress=False, data=mnist)
         (path,) = boards.write(tiny_spec, store, mnist, tmp_path / "out", command="test")
@@ -236,7 +237,7 @@ def test_board_tables_follow_the_markdown_not_the_render_order():
     is still stored under its own heading."""
     import pandas as pd
 
-    from harness.tables import board_tables, collecting, markdown_table
+    from harness.reports.markdown import board_tables, collecting, markdown_table
 
     with collecting() as rendered:
         later = markdown_table(pd.DataFrame({"Data set": ["D_rand"], "Accuracy": [12.5]}))

@@ -8,7 +8,8 @@ import torch
 
 from defenses.recipes import build_recipe
 from defenses.train import build_recipe_model, train
-from harness import report, spec as spec_module
+from harness import spec as spec_module
+from harness.reports import aggregate
 from harness.check_types import Status, Verdict
 from harness.data import Dataset, load_dataset
 from harness.matrix import run
@@ -73,7 +74,7 @@ def every_check(tmp_path_factory, mnist):
         summary = run(spec, store=store, cache_dir=folder / "ckpt", device=torch.device("cpu"), progress=False,
                       data=mnist)
         assert summary.failed == []
-        return report.build(spec, store, mnist)
+        return aggregate.build(spec, store, mnist)
 
 
 @pytest.mark.slow

@@ -11,7 +11,8 @@ from safetensors.torch import save_file
 
 from attacks_ext.checks import RestartSweep, StepSweep, UnboundedEps
 from attacks_ext.checks import Column, Context, Evidence, IterativeBeatsOneStep, MonotoneInEps, Status, Verdict
-from harness import report, spec as spec_module
+from harness import spec as spec_module
+from harness.reports import aggregate
 from harness.__main__ import main
 from harness.evaluation import CellRunner
 from harness.matrix import run
@@ -26,9 +27,10 @@ def record(correct, name="x", clean=None) -> CellRecord:
     return CellRecord(name, "b", "d", "k", name, name, {}, "linf", 0.3, clean, correct, 0.0, 0, 0, 0, {}, "c", "cpu", "t")
 
 
-def one_eps_evidence(**kw) -> Evidence:
+def one_eps_evidence(check=None, **kw) -> Evidence:
     context = Context({Norm.LINF: (0.3,)}, (Norm.LINF, 0.3), 4)
-    return Evidence("d", context, kw.get("columns", {}), kw.get("matrix", {}), kw.get("requested", {}))
+    requested = planted.keyed(check, context, kw["requested"]) if kw.get("requested") else {}
+    return Evidence("d", context, kw.get("columns", {}), kw.get("matrix", {}), requested)
 
 
 # --- 1. a verdict that does not apply is n/a, and a missing one cannot hide a failing one ------------------------
@@ -46,10 +48,10 @@ def test_checks_with_nothing_to_judge_say_not_applicable_not_missing():
 
 def test_overall_verdict_ignores_not_applicable_and_a_failure_wins_over_missing():
     verdict = lambda status: Verdict("c", status, "", "")  # noqa: E731
-    assert report.overall({"a": verdict(Status.NOT_APPLICABLE), "b": verdict(Status.PASS)}) is Status.PASS
-    assert report.overall({"a": verdict(Status.FAIL), "b": verdict(None)}) is Status.FAIL
-    assert report.overall({"a": verdict(Status.PASS), "b": verdict(None)}) is None
-    assert report.overall({"a": verdict(Status.WARN), "b": verdict(Status.NOT_APPLICABLE)}) is Status.WARN
+    assert aggregate.overall({"a": verdict(Status.NOT_APPLICABLE), "b": verdict(Status.PASS)}) is Status.PASS
+    assert aggregate.overall({"a": verdict(Status.FAIL), "b": verdict(None)}) is Status.FAIL
+    assert aggregate.overall({"a": verdict(Status.PASS), "b": verdict(None)}) is None
+    assert aggregate.overall({"a": verdict(Status.WARN), "b": verdict(Status.NOT_APPLICABLE)}) is Status.WARN
 
 
 # --- 2. accuracy that rises with the attack's budget is a red flag --------------------------------------------
@@ -59,23 +61,23 @@ def test_step_sweep_calls_a_rise_with_more_steps_a_red_flag_not_convergence():
     check = StepSweep(steps=[10, 40, 80])
     rows = lambda share: record([1] * share + [0] * (100 - share))  # noqa: E731
     curve = {"linf: steps 10": rows(19), "linf: steps 40": rows(38), "linf: steps 80": rows(80)}
-    verdict = check.evaluate(one_eps_evidence(requested=curve))
+    verdict = check.evaluate(one_eps_evidence(check, requested=curve))
     assert verdict.status is Status.FAIL and "rises by 61.0 points" in verdict.reason and "converged" not in verdict.reason
     curve = {"linf: steps 10": rows(18), "linf: steps 40": rows(18), "linf: steps 80": rows(23)}
-    verdict = check.evaluate(one_eps_evidence(requested=curve))
+    verdict = check.evaluate(one_eps_evidence(check, requested=curve))
     assert verdict.status is Status.WARN and "McNemar p = 0.031" in verdict.reason  # 5 examples, none the other way
     curve["linf: steps 80"] = rows(20)  # two examples: separate random draws do that, not a red flag
-    assert check.evaluate(one_eps_evidence(requested=curve)).status is Status.PASS
+    assert check.evaluate(one_eps_evidence(check, requested=curve)).status is Status.PASS
 
 
 def test_unbounded_eps_flags_accuracy_rising_with_eps():
     check = UnboundedEps(eps=[0.5, 1.0])
     low, high = record([0] * 100), record([1] * 10 + [0] * 90)
-    verdict = check.evaluate(one_eps_evidence(requested={"linf: eps=0.5": low, "linf: eps=1": high}))
+    verdict = check.evaluate(one_eps_evidence(check, requested={"linf: eps=0.5": low, "linf: eps=1": high}))
     assert verdict.status is Status.FAIL and "rises by 10.0 points" in verdict.reason
     restarts = RestartSweep(restarts=2)  # cumulative by construction: it can only fall
     flat = {"linf: restart 1": record([1, 1, 0, 0]), "linf: restart 2": record([1, 1, 0, 0])}
-    assert restarts.evaluate(one_eps_evidence(requested=flat)).status is Status.PASS
+    assert restarts.evaluate(one_eps_evidence(restarts, requested=flat)).status is Status.PASS
 
 
 # --- 3, 4. randomized models reproduce and are attacked with EOT; a NaN model gets no score -------------------

@@ -69,7 +69,7 @@ def test_training_and_attacks_are_bit_identical_on_an_emulated_intel_haswell():
 
 
 def test_the_drift_check_names_different_numerics_or_versions_as_the_likely_cause(tmp_path):
-    from harness import drift
+    from harness.reports import drift
 
     def board(name, value, numerics):
         path = tmp_path / name / "b.md"

@@ -64,7 +64,7 @@ def test_examples_needed_by_hand_and_by_simulation():
 
 
 def test_ranks_are_shared_until_an_adjacent_difference_is_significant_after_holm():
-    from harness.ranking import grouped_ranks
+    from harness.reports.ranking import grouped_ranks
 
     n = 500
     top = np.zeros(n, bool); top[:300] = True
@@ -85,9 +85,9 @@ def test_ranks_are_shared_until_an_adjacent_difference_is_significant_after_holm
 def test_wide_tables_get_exact_counts_back_and_the_drift_check_reads_the_value():
     import pandas as pd
 
-    from harness import drift
-    from harness.ranking import with_intervals
-    from harness.tables import _plain
+    from harness.reports import drift
+    from harness.reports.ranking import with_intervals
+    from harness.reports.markdown import _plain
 
     frame = with_intervals(pd.DataFrame({"Defense": ["a"], "Clean": [100 * 317 / 500], "pgd": [None]}), 500)
     accuracy = frame.loc[0, "Clean"]
@@ -103,7 +103,7 @@ def test_wide_tables_get_exact_counts_back_and_the_drift_check_reads_the_value()
 def test_seed_spread_reports_mean_range_and_which_spread_is_larger():
     import pandas as pd
 
-    from harness.ranking import seed_spread_frame
+    from harness.reports.ranking import seed_spread_frame
 
     def vector(correct, total=500):
         v = np.zeros(total, bool)

@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from harness import spec as spec_module, strength
-from harness.attack_cost import strength_section, strength_summary
+from harness.reports.attack_cost import strength_section, strength_summary
 from harness.evaluation import evaluate_cell
 from harness.planning import plan
 from harness.preparation import prepare_defenses

@@ -13,10 +13,12 @@ from attacks_ext.checks import GradientFreeVsWhiteBox, TransferVsWhiteBox
 from attacks_ext.checks import Column, Context, Evidence, Status
 from attacks_ext.checks import AttackConvergence
 from attacks_ext.checks import ReferenceAttack
-from harness import report, spec as spec_module
+from harness import spec as spec_module
+from harness.reports import aggregate
 from harness.matrix import run
 from harness.planning import plan
 from harness.store import CellRecord, ResultStore
+from tests import planted
 from harness.threat import Norm
 
 CONTEXT = Context({Norm.LINF: (0.1, 0.3), Norm.L2: (1.0, 2.0)}, (Norm.LINF, 0.3), 100, ("natural", "pgd-at"),
@@ -49,10 +51,10 @@ def test_attack_checks_run_at_every_norm_of_the_grid(check, attack_ids):
 def test_a_norm_that_never_ran_is_missing_not_a_pass():
     check = StepSweep(steps=[10, 20])
     linf_only = {"linf: steps 10": record([1, 1, 0, 0]), "linf: steps 20": record([1, 1, 0, 0])}
-    verdict = check.evaluate(Evidence("d", CONTEXT, {}, {}, linf_only))
+    verdict = check.evaluate(Evidence("d", CONTEXT, {}, {}, planted.keyed(check, CONTEXT, linf_only)))
     assert verdict.status is None and "L2" in verdict.reason
     both = {**linf_only, "l2: steps 10": record([1, 1, 1, 0] * 25), "l2: steps 20": record([1, 0, 0, 0] * 25)}  # 50 of 100
-    verdict = check.evaluate(Evidence("d", CONTEXT, {}, {}, both))
+    verdict = check.evaluate(Evidence("d", CONTEXT, {}, {}, planted.keyed(check, CONTEXT, both)))
     assert verdict.status is Status.WARN and verdict.reason.startswith("L2:") and "L∞:" in verdict.figure
     assert verdict.details["L2 20 steps"] == 25.0
 
@@ -67,8 +69,10 @@ def test_reference_audit_fails_only_on_a_significant_share(broken, audited, stat
     correct = attacked.copy()
     correct[:broken] = False
     cell = dataclasses.replace(record(correct, attacked=attacked), attack_id="aa-standard")
-    evidence = Evidence("d", CONTEXT, {}, {}, {"linf: reference": cell, "l2: reference": record([1], attacked=[0])})
-    verdict = ReferenceAttack().evaluate(evidence)
+    check = ReferenceAttack()
+    evidence = Evidence("d", CONTEXT, {}, {}, planted.keyed(check, CONTEXT, {"linf: reference": cell,
+                                                                           "l2: reference": record([1], attacked=[0])}))
+    verdict = check.evaluate(evidence)
     assert verdict.status is status, verdict
     if audited:
         assert f"broke {broken} of {audited}" in verdict.figure
@@ -128,7 +132,7 @@ def test_the_reference_audit_fails_a_board_whose_columns_are_weak(tmp_path, mnis
         with ResultStore(tmp_path / f"{name}.sqlite") as store:
             assert run(spec, store=store, cache_dir=tmp_path / "c", device=torch.device("cpu"), progress=False,
                        data=mnist).failed == []
-            board = report.build(spec, store, mnist)
+            board = aggregate.build(spec, store, mnist)
         verdicts[name] = board.verdicts["natural"]["reference-attack"]
         worst = board.summary.set_index("Defense").loc["natural", "Worst L∞ 0.1"]
         verdicts[name + " worst"] = worst
@@ -151,11 +155,12 @@ def test_convergence_indicators_flag_what_they_name():
     shaky = {**base, "best_loss": flat, "loss_change": np.array([0.0, 0.9, 0.01, 0.5])}
     assert check.indicators(shaky)["unstable predictions"] == (2, 4)
     context = dataclasses.replace(CONTEXT, grid={Norm.LINF: (0.3,)})
-    verdict = check.evaluate(Evidence("d", context, {}, {}, {"linf: convergence": dataclasses.replace(record([1]), measurements=silent)}))
+    verdict = check.evaluate(Evidence("d", context, {}, {}, planted.keyed(
+        check, context, {"linf: convergence": dataclasses.replace(record([1]), measurements=silent)})))
     assert verdict.status is Status.FAIL and "silent success" in verdict.reason
     few = AttackConvergence(steps=12, window=4)  # 2 of 2 survivors still rising: too few examples to judge
     probe = dataclasses.replace(record([1]), measurements={**base, "best_loss": rising})
-    assert few.evaluate(Evidence("d", context, {}, {}, {"linf: convergence": probe})).status is Status.PASS
+    assert few.evaluate(Evidence("d", context, {}, {}, planted.keyed(few, context, {"linf: convergence": probe}))).status is Status.PASS
 
 
 @pytest.mark.slow

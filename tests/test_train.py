@@ -93,7 +93,7 @@ def test_training_code_version_follows_imports_not_folders(tmp_path, monkeypatch
     (tmp_path / "attacks_ext" / "my_new_attack.py").write_text("x = 1\n")
     with open(tmp_path / "attacks_ext" / "checks" / "monotone_eps.py", "a") as handle:
         handle.write("# a check changed\n")
-    with open(tmp_path / "harness" / "report.py", "a") as handle:
+    with open(tmp_path / "harness" / "reports" / "aggregate.py", "a") as handle:
         handle.write("# a report changed\n")
     assert training.training_code_version(roots) == before
     with open(tmp_path / "attacks_ext" / "base.py", "a") as handle:  # imported by the adversary's module

@@ -139,7 +139,7 @@ class AttackConvergence(PerNormCheck):
                 "unstable predictions": (int((unstable & attacked).sum()), int(attacked.sum()))}
 
     def _evaluate_at(self, evidence, norm):
-        probe = evidence.requested.get(self.name(norm, "convergence"))
+        (probe,) = self._records_at(evidence, norm)
         if probe is None:
             return _missing(self.id, "convergence probe")
         counts = self.indicators(probe.measurements)
@@ -155,7 +155,7 @@ class AttackConvergence(PerNormCheck):
 
     def plot(self, evidences, path):
         def draw(evidence, norm):
-            probe = evidence.requested.get(self.name(norm, "convergence"))
+            (probe,) = self._records_at(evidence, norm)
             if probe is None:
                 return None
             best = np.asarray(probe.measurements["best_loss"])

@@ -39,7 +39,7 @@ class FgsmDirectionLoss(Check):
         return (loss[:, 1:] > start).any(1) & (loss[:, -1] < loss[:, 0])
 
     def evaluate(self, evidence):
-        probe = evidence.requested.get("fgsm-line")
+        probe = self.records(evidence)[0]
         if probe is None:
             return _missing(self.id, "FGSM line probe")
         loss, eps = probe.measurements["loss"], probe.measurements["eps"]
@@ -66,7 +66,7 @@ class FgsmDirectionLoss(Check):
         fig, axis = plt.subplots(figsize=(6.5, 4.0))
         drawn = False
         for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
-            probe = evidence.requested.get("fgsm-line")
+            probe = self.records(evidence)[0]
             if probe is not None:
                 axis.plot(probe.measurements["eps"], probe.measurements["loss"].mean(0), color=color, linestyle=style, label=name)
                 drawn = True

@@ -51,13 +51,12 @@ class GradientNormTrace(Check):
             out.append(ProbeRequest(f"trace {norm.value}", "gradient-trace", options, self.examples))
         return tuple(out)
 
-    @staticmethod
-    def _traces(evidence):
+    def _traces(self, evidence):
         """(norm, eps, measurements) of every trace probe in the store, L-inf first."""
         out = []
-        for name, probe in sorted(evidence.requested.items()):
-            if name.startswith("trace ") and probe is not None:
-                options = dict(probe.options)
+        for request, probe in zip(self.requests(evidence.context), self.records(evidence)):
+            if probe is not None:
+                options = dict(request.options)
                 out.append((Norm.parse(options["norm"]), float(options["eps"]), probe.measurements))
         return sorted(out, key=lambda t: t[0] is not Norm.LINF)
 

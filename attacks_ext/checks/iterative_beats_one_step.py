@@ -39,13 +39,16 @@ class IterativeBeatsOneStep(Check):
     def requests(self, context):
         if not context.cascade:
             return ()
-        return tuple(AttackRequest(f"{c.label} @ {eps:g}", c.attack_id, c.options, eps, self.examples)
-                     for (_, eps), columns in self.compared_columns(context).items() for c in columns)
+        return tuple(self._request(c, eps) for (_, eps), columns in self.compared_columns(context).items() for c in columns)
+
+    def _request(self, column, eps: float) -> AttackRequest:
+        """The column rerun on every example (a cascade's column attacked only what the columns before it left)."""
+        return AttackRequest(f"{column.label} @ {eps:g}", column.attack_id, column.options, eps, self.examples)
 
     def evaluate(self, evidence):
         def record_of(column, eps):
             if evidence.context.cascade:
-                return evidence.requested.get(f"{column.label} @ {eps:g}")
+                return evidence.record(self._request(column, eps))
             return evidence.matrix.get((column.label, eps))
 
         compared = self.compared_columns(evidence.context)

@@ -32,7 +32,7 @@ class LinearizedRobustness(Check):
 
     def comparison(self, evidence) -> list[tuple[Norm, float, float, float | None]]:
         """(norm, eps, predicted %, empirical worst-case % on the same examples or None) per grid point."""
-        probe = evidence.requested.get("linearization")
+        probe = self.records(evidence)[0]
         m, rows = probe.measurements, []
         n = len(m["eps_l_linf"])
         for norm, grid in evidence.context.grid.items():
@@ -46,7 +46,7 @@ class LinearizedRobustness(Check):
         return rows
 
     def evaluate(self, evidence):
-        if evidence.requested.get("linearization") is None:
+        if self.records(evidence)[0] is None:
             return _missing(self.id, "linearization probe")
         rows = [r for r in self.comparison(evidence) if r[3] is not None]
         if not rows:
@@ -71,7 +71,7 @@ class LinearizedRobustness(Check):
         fig, axes = plt.subplots(1, 3, figsize=(14, 3.8))
         drawn = False
         for (name, evidence), (color, style) in zip(evidences.items(), _line_styles(len(evidences))):
-            probe = evidence.requested.get("linearization")
+            probe = self.records(evidence)[0]
             if probe is None:
                 continue
             m = probe.measurements

@@ -31,7 +31,7 @@ class LossLandscape(Check):
         return (ProbeRequest("landscape", "landscape", (("grid", self.grid), ("radius", radius)), self.examples),)
 
     def evaluate(self, evidence):
-        probe = evidence.requested.get("landscape")
+        probe = self.records(evidence)[0]
         if probe is None:
             return _missing(self.id, "landscape probe")
         random, adversarial = probe.measurements["random"], probe.measurements["adversarial"]
@@ -53,7 +53,7 @@ class LossLandscape(Check):
 
     def plot(self, evidences, path):
         plt = pyplot()
-        shown = [(name, e.requested.get("landscape")) for name, e in evidences.items() if e.requested.get("landscape") is not None]
+        shown = [(name, probe) for name, e in evidences.items() if (probe := self.records(e)[0]) is not None]
         if not shown:
             return False
         fig, axes = plt.subplots(2, len(shown), figsize=(2.1 * len(shown), 4.4), squeeze=False)

@@ -93,6 +93,10 @@ class PerNormCheck(Check):
     def _requests_at(self, context, norm: Norm) -> tuple[AttackRequest, ...]:
         raise NotImplementedError
 
+    def _records_at(self, evidence, norm: Norm) -> list:
+        """The stored cells of the requests at one norm, in request order (None: missing)."""
+        return [evidence.record(request) for request in self._requests_at(evidence.context, norm)]
+
     def _evaluate_at(self, evidence, norm: Norm) -> Verdict:
         raise NotImplementedError
 
@@ -234,7 +238,7 @@ class _BeatsWhiteBox(PerNormCheck):
 
     def _evaluate_at(self, evidence, norm):
         eps = self.eps_at(evidence.context, norm)
-        record, white = evidence.requested.get(self.name(norm, self.kind)), evidence.white_box(norm, eps)
+        (record,), white = self._records_at(evidence, norm), evidence.white_box(norm, eps)
         if record is None or not white:
             return _missing(self.id, f"{self.kind} cell or white-box columns")
         n = len(record.robust_correct)

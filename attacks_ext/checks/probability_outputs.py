@@ -23,7 +23,7 @@ class ProbabilityOutputs(Check):
         return (ProbeRequest("outputs", "output-stats", (("passes", self.passes),), self._examples(context)),)
 
     def evaluate(self, evidence):
-        probe = evidence.requested.get("outputs")
+        probe = self.records(evidence)[0]
         if probe is None:
             return _missing(self.id, "output probe")
         m = probe.measurements

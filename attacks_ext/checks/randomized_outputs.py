@@ -26,7 +26,7 @@ class RandomizedOutputs(Check):
         return (ProbeRequest("outputs", "output-stats", (("passes", self.passes),), self._examples(context)),)
 
     def evaluate(self, evidence):
-        probe = evidence.requested.get("outputs")
+        probe = self.records(evidence)[0]
         if probe is None:
             return _missing(self.id, "output probe")
         changed = 100 * float(probe.measurements["prediction_changed"].astype(bool).mean())

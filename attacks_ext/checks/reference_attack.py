@@ -11,7 +11,6 @@ from harness.check_types import rank_eps
 from attacks_ext.autoattack import original_autoattack_installed
 from harness.check_types import AttackRequest, Status, Verdict, _count, _missing, _number
 from harness.registry import ATTACKS, CHECKS
-from harness.records import CellRecord
 from harness.threat import Norm, check_eps
 
 REFERENCE = {Norm.LINF: ("aa-standard", "autoattack-standard"), Norm.L2: ("aa-standard-l2", "autoattack-standard-l2")}
@@ -76,7 +75,7 @@ class ReferenceAttack(PerNormCheck):
                               survivors_of="matrix", sample=self.examples),)
 
     def _evaluate_at(self, evidence, norm):
-        record: CellRecord | None = evidence.requested.get(self.name(norm, "reference"))
+        (record,) = self._records_at(evidence, norm)
         if record is None:
             return _missing(self.id, "reference cell")
         attacked = np.asarray(record.measurements.get("attacked", record.clean_correct), dtype=bool)

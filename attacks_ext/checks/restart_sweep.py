@@ -24,13 +24,14 @@ class RestartSweep(_Sweep):
 
     def _requests_at(self, context, norm):
         # Only the examples every earlier restart left robust matter to the curve, so each restart attacks those.
-        eps = self.eps_at(context, norm)
-        return tuple(AttackRequest(self.name(norm, f"restart {r + 1}"), self.attacks[norm], (("steps", self.steps),),
-                                   eps, self.examples, restart=r, after=(self.name(norm, f"restart {r}"),) if r else ())
-                     for r in range(self.restarts))
+        eps, requests = self.eps_at(context, norm), []
+        for r in range(self.restarts):
+            requests.append(AttackRequest(self.name(norm, f"restart {r + 1}"), self.attacks[norm], (("steps", self.steps),),
+                                          eps, self.examples, restart=r, after=tuple(requests[-1:])))
+        return tuple(requests)
 
     def _vectors(self, evidence, norm):
-        records = [evidence.requested.get(self.name(norm, f"restart {r + 1}")) for r in range(self.restarts)]
+        records = self._records_at(evidence, norm)
         if any(r is None for r in records):
             return None
         survived = np.logical_and.accumulate([r.robust_correct for r in records])

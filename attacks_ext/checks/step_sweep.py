@@ -28,7 +28,7 @@ class StepSweep(_Sweep):
                                    self.examples) for s in self.steps)
 
     def _vectors(self, evidence, norm):
-        records = [evidence.requested.get(self.name(norm, f"steps {s}")) for s in self.steps]
+        records = self._records_at(evidence, norm)
         if any(r is None for r in records):
             return None
         return [(s, r.robust_correct) for s, r in zip(self.steps, records)]

@@ -38,7 +38,7 @@ class UnboundedEps(_BudgetCurve):
                                    self.examples) for e in self.eps[norm])
 
     def _vectors(self, evidence, norm):
-        records = [evidence.requested.get(self.name(norm, f"eps={e:g}")) for e in self.eps[norm]]
+        records = self._records_at(evidence, norm)
         return None if any(r is None for r in records) else [(e, r.robust_correct) for e, r in zip(self.eps[norm], records)]
 
     def _evaluate_at(self, evidence, norm):

@@ -25,7 +25,7 @@ class ZeroGradients(Check):
         return (ProbeRequest("gradients", "input-gradients", (), self._examples(context)),)
 
     def evaluate(self, evidence):
-        probe = evidence.requested.get("gradients")
+        probe = self.records(evidence)[0]
         if probe is None:
             return _missing(self.id, "input-gradient probe")
         margin = probe.measurements["margin_grad_l1"]

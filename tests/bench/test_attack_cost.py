@@ -21,7 +21,7 @@ import torch
 from attacks_ext.base import ExampleRandomness
 from attacks_ext.pgd import cross_entropy_gradient, random_start
 from defenses.recipes import build_recipe
-from harness.attack_cost import library_of
+from harness.reports.attack_cost import library_of
 from defenses.train import train
 from harness.counting import EvaluationCounter
 from harness.registry import ATTACKS

@@ -4,7 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from harness.figures import pyplot, save_figure
-from harness.report import Leaderboard
+from harness.reports.aggregate import Leaderboard
 from harness.spec import BenchmarkSpec
 
 

@@ -6,14 +6,15 @@ from pathlib import Path
 
 from harness.data import Dataset
 from harness.provenance import code_commit
-from harness.report import build, render_markdown, sanity_file
-from harness.report_figures import figure_name, render_figure, render_training_figure, training_figure_name
-from harness.report_label_leak import (label_leak_frame, perturbation_probe_frame, render_label_leak_figure,
+from harness.reports.aggregate import build, sanity_file
+from harness.reports.leaderboard import render_markdown
+from harness.reports.figures import figure_name, render_figure, render_training_figure, training_figure_name
+from harness.reports.label_leak import (label_leak_frame, perturbation_probe_frame, render_label_leak_figure,
                                        render_label_leak_markdown, robust_features_section)
-from harness.report_sanity import render_sanity
+from harness.reports.sanity import render_sanity
 from harness.spec import BenchmarkSpec
 from harness.store import ResultStore
-from harness.tables import collecting, write_json
+from harness.reports.markdown import collecting, write_json
 
 
 def _write_board(path: Path, render, versions: dict) -> Path:

@@ -11,8 +11,9 @@ from attacks_ext.label_leak import perturbation_probe_rows, robust_feature_rows,
 from defenses.probes import robust_feature_settings
 from harness.cells import CLEAN
 from harness.figures import pyplot, save_figure
-from harness.ranking import interval_footnote
-from harness.report import Leaderboard, _markdown
+from harness.reports.ranking import interval_footnote
+from harness.reports.aggregate import Leaderboard
+from harness.reports.markdown import markdown_table as _markdown
 from harness.spec import BenchmarkSpec
 from harness.store import CellRecord
 

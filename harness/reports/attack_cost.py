@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pandas as pd
 
-from harness.report import _markdown
+from harness.reports.markdown import markdown_table
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The inputs tests/bench times the floor's forward + backward at, as attack-cost.md names them.
@@ -153,7 +153,7 @@ def strength_summary(comparisons: list[dict]) -> list[str]:
         "from torchattacks' parts. Model evaluations = examples sent forward + input gradients, counted by one "
         "wrapper around the model for every row, the clean pass included.",
         "",
-        _markdown(pd.DataFrame(rows), digits=2),
+        markdown_table(pd.DataFrame(rows), digits=2),
         "",
         f"Ours is within one example of AutoAttack or stronger on **{met} of {len(rows)}** comparisons (target: all), "
         f"for **{ratio:.3f}** of its model evaluations in total ({ours_total:,} against {reference_total:,}; "
@@ -180,7 +180,7 @@ def strength_section(result: dict) -> list[str]:
         f"Clean {result['clean']:.1f}% on {result['examples']} images; ours = {', '.join(result['ours_columns'])}; "
         f"{result['device']}.",
         "",
-        _markdown(table, digits=1),
+        markdown_table(table, digits=1),
         "",
     ]
 
@@ -208,7 +208,7 @@ def render(path: Path, out: Path, *, command: str, strength: Path | None = None)
         "",
         "## Per attack",
         "",
-        _markdown(table, digits=2),
+        markdown_table(table, digits=2),
         "",
         "## The floor",
         "",
@@ -219,7 +219,7 @@ def render(path: Path, out: Path, *, command: str, strength: Path | None = None)
            "does not." if any(column.endswith(" x clean") for column in floors.columns) else
            " (this run predates the paired comparison with the clean digits)."),
         "",
-        _markdown(floors, digits=3),
+        markdown_table(floors, digits=3),
         "",
     ]
     overhead = overhead_table(frame)
@@ -233,7 +233,7 @@ def render(path: Path, out: Path, *, command: str, strength: Path | None = None)
             "adapter adds eval mode, RNG isolation, restoring the model's modes and parameter gradients, and for ART "
             "a classifier wrapper per call. Target: at most 1.10.",
             "",
-            _markdown(overhead, digits=2),
+            markdown_table(overhead, digits=2),
             "",
         ]
     if strength is not None and Path(strength).is_file():

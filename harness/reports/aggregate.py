@@ -1,12 +1,10 @@
-"""The leaderboard from the store: aggregation into pandas frames and the main board's markdown (tabulate).
+"""The leaderboard from the store: every number aggregated into pandas frames from the stored per-example vectors.
 
-Every number is computed here from the stored per-example vectors. The other boards (`report_sanity`,
-`report_label_leak`), the figures (`report_figures`) and the drift check (`drift`) live beside it; `boards.write`
-writes them all.
+The boards render from a `Leaderboard`: `leaderboard` (the main board), `sanity`, `label_leak`, `figures`, all
+through `markdown` (the one table writer); `drift` compares stored numbers; `boards.write` writes them all.
 """
 from __future__ import annotations
 
-import datetime
 import re
 from dataclasses import dataclass
 
@@ -15,14 +13,11 @@ import pandas as pd
 
 from harness.data import Dataset
 from harness.cells import LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell
-from harness.planning import cascade_order, plan, runs_on_every_example
-from harness.provenance import code_commit, library_versions
-from harness.ranking import (interval_footnote, ranking_frame, ranking_note, seed_spread_frame, seed_spread_note,
-                             with_intervals)
+from harness.planning import plan
+from harness.provenance import library_versions
 from harness.spec import BenchmarkSpec
 from harness.check_types import Check, Evidence, Status, Verdict
 from harness.store import CellRecord, ResultStore
-from harness.tables import MISSING, markdown_table as _markdown  # noqa: F401  (the boards' one table writer)
 from harness.threat import Norm
 
 MISSING_VERDICT = "**missing**"  # an overall sanity verdict that could not be reached: never blank, never a pass
@@ -65,21 +60,24 @@ def defense_anchor(name: str) -> str:
     return "defense-" + re.sub(r"[^a-z0-9 _-]", "", f"{name}".lower()).replace(" ", "-")
 
 
-def gather_evidence(spec: BenchmarkSpec, cells: list[Cell], records: dict[str, CellRecord]) -> dict[str, dict[str, Evidence]]:
-    """Per check and defense: the matrix's cells of that defense and the cells the check asked for."""
+def gather_evidence(spec: BenchmarkSpec, checks: dict[str, Check], cells: list[Cell],
+                    records: dict[str, CellRecord]) -> dict[str, dict[str, Evidence]]:
+    """Per check and defense: the matrix's cells of that defense and the cells the check asked for, each under
+    the check's own request object (the store names a request's cell by the request's name)."""
     context = spec.check_context()
     columns = {c.label: c for c in context.columns}
     matrix: dict[str, dict] = {}
-    requested: dict[tuple[str, str], dict] = {}
+    stored: dict[tuple[str, str, str], CellRecord | None] = {}  # (check, defense, request name) -> record
     for cell in cells:
         if cell.check is None:
             matrix.setdefault(cell.defense, {})[(cell.label, cell.eps)] = records.get(cell.key)
         else:
-            requested.setdefault((cell.check, cell.defense), {})[cell.request] = records.get(cell.key)
-    return {check.check_id: {d.name: Evidence(d.name, context, columns, matrix.get(d.name, {}),
-                                              requested.get((check.check_id, d.name), {}))
-                             for d in spec.defenses}
-            for check in spec.checks}
+            stored[(cell.check, cell.defense, cell.request)] = records.get(cell.key)
+    return {check_id: {d.name: Evidence(d.name, context, columns, matrix.get(d.name, {}),
+                                         {request: stored.get((check_id, d.name, request.name))
+                                          for request in check.requests_for(context, d.name)})
+                       for d in spec.defenses}
+            for check_id, check in checks.items()}
 
 
 def overall(verdicts: dict[str, Verdict]) -> Status | None:
@@ -146,8 +144,8 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     for cell in cells:
         by_defense.setdefault(cell.defense, []).append((cell, records.get(cell.key)))
     missing = list(dict.fromkeys(cell.describe() for cell in all_cells if cell.key not in records))
-    evidence = gather_evidence(spec, all_cells, records)
     checks = {check.check_id: check.build() for check in spec.checks}
+    evidence = gather_evidence(spec, checks, all_cells, records)
     naive = naive_costs(all_cells, records)
     verdicts = {d.name: {check_id: checks[check_id].evaluate(evidence[check_id][d.name]) for check_id in checks}
                 for d in spec.defenses}
@@ -251,115 +249,3 @@ def _clean_and_worst(pairs: list[tuple[Cell, CellRecord | None]], rank_by) -> tu
 def _total(costs: list[tuple[float, float] | None]) -> float | None:
     """Forward plus gradient evaluations summed over cells; None when any cell's is unknown."""
     return None if any(c is None for c in costs) else float(sum(f + g for f, g in costs))
-
-
-def render_markdown(board: Leaderboard, *, command: str, figure: str, training_figure: str | None = None) -> str:
-    # Long by design: the board's sections in reading order, one after another.
-    spec = board.spec
-    today = datetime.date.today().isoformat()
-    commit = ", ".join(board.commits) or code_commit()
-    versions = ", ".join(f"{k} {v}" for k, v in sorted(board.versions.items()))
-    lines = [
-        f"# Leaderboard: {spec.name}",
-        "",
-        f"Generated by `{command}` from the results store; code commit `{commit}`; {today}. "
-        "Never edit by hand: regenerate it. CI regenerates it from scratch and fails when a number drifts.",
-        "",
-        f"Data set `{spec.dataset}`, first {spec.eval_examples} test examples, seed {spec.seed}, batch {spec.batch_size}. "
-        "Accuracies in %. Robust accuracy counts an example when it is classified correctly both clean and under "
-        "the attack. **Worst** is the per-example worst case over every attack run at that norm and eps "
-        "(an example counts only if it survives all of them). Rows are sorted by the worst case at "
-        f"{_column(*spec.rank_by)}, then by clean accuracy. **Training evals (k)** is the training cost in "
-        "thousands of model evaluations (examples sent forward plus examples back-propagated, adversary included).",
-        "",
-    ]
-    if spec.checks:
-        lines += [f"**Sanity** is the worst verdict of {len(spec.checks)} checks that tell robustness from gradient "
-                  f"masking (pass / warn / fail; the link leads to its figures and reasons in `{sanity_file(spec)}`). "
-                  "A defense that fails ranks below every other, whatever its accuracies.", ""]
-    if board.missing:
-        lines += [f"**Incomplete:** {len(board.missing)} cells are not in the store ({MISSING} below); "
-                  f"run `python -m harness run {spec.path}`.", ""]
-    unjudged = [name for name, verdicts in board.verdicts.items() if spec.checks and overall(verdicts) is None]
-    if unjudged:
-        lines += [f"**Sanity verdict missing** for {', '.join(unjudged)}: some of their checks have no evidence in the "
-                  f"store (see `{sanity_file(spec)}`), so nothing vouches for their numbers; read those rows as "
-                  "unchecked.", ""]
-    rank_column = f"Worst {_column(*spec.rank_by)}"
-    ranked = passes_sanity(board.verdicts, board.summary["Defense"])
-    ranking = ranking_frame(board.summary, board.vectors, rank_column, ranked)
-    worst = board.summary[rank_column][ranked].dropna()  # the ranked rows: a failing one's numbers mean nothing
-    near = min(max(float(worst.max()) / 100, 0.05), 0.95) if len(worst) else 0.5  # where the top of the board sits
-    lines += ["## Ranking", "", _markdown(ranking), "",
-              ranking_note(rank_column, max(sum(ranked) - 1, 0), spec.eval_examples, near), ""]
-    if board.seeds:
-        lines += ["## Training-seed spread", "", seed_spread_note(rank_column), "",
-                  _markdown(seed_spread_frame(board.seeds, rank_column)), ""]
-    if spec.cascade:
-        every = [a.label for a in spec.attacks if runs_on_every_example(spec, a)]
-        lines += ["The attack tables below ran as a **cascade**: at each eps the columns ran left to right, and each "
-                  "attacked only the examples that the clean evaluation and every column to its left left standing, "
-                  "so its number is the accuracy left after it and all of them (the last column at an eps is the "
-                  "worst case). " + (f"{', '.join(every)} ran on every example (the label-leak twins need them all), "
-                                     "so theirs are the attacks' own accuracies. " if every else "")
-                  + "The worst case equals that of every attack on every example: attack randomness depends only "
-                  "on the example, not on which examples share a batch.", ""]
-    for norm, frame in board.details.items():
-        lines += [f"## {norm.symbol} attacks", "", _markdown(with_intervals(frame, spec.eval_examples), intervals=False), ""]
-    lines += [interval_footnote(spec.eval_examples), ""]
-    lines += [f"![worst-case accuracy vs eps]({figure})", ""]
-    lines += ["## Attacks", ""]
-    attacks = pd.DataFrame([
-        {"Column": a.label, "Attack": a.attack_id + ("" if a.source is None else f" (transfer from {a.source})"),
-         "Options": ", ".join(f"{k}={v}" for k, v in a.options) or "defaults",
-         "Norm": a.norm.symbol, "eps": ", ".join(f"{e:g}" for e in a.eps),
-         **({"Runs on": "every example" if runs_on_every_example(spec, a) else "survivors"} if spec.cascade else {})}
-        for a in (cascade_order(spec) if spec.cascade else spec.attacks)
-    ])
-    lines += [_markdown(attacks), ""]
-    lines += ["## Defenses", ""]
-    defenses = pd.DataFrame([
-        {"Defense": d.name, "Source": d.kind,
-         "Recipe": d.recipe.name if d.recipe else "external",
-         "Trained with": d.recipe.summary() if d.recipe else f"{d.external.factory} + {d.external.weights.name}",
-         "Overfitting guard": _guard_note(board.trainings.get(d.name, {}))}
-        for d in spec.defenses
-    ])
-    lines += [_markdown(defenses), ""]
-    if training_figure:
-        lines += [f"![training curves]({training_figure})", ""]
-    costs = board.costs.copy()
-    lines += ["## Measured cost", "",
-              "Seconds are wall time on the machine that produced this file; model evaluations (examples sent "
-              "forward, examples whose input gradient was taken) are exact and portable. **naive** is what every "
-              "attack on every example, run to the end, would have spent (forward + gradient evaluations): the "
-              "saving of per-example early stop" + (" and of the cascade" if spec.cascade else "") + ".", "",
-              _markdown(costs, digits=1), "", _spending(costs), ""]
-    lines += [              f"Libraries: {versions}.", ""]
-    return "\n".join(lines)
-
-
-def _spending(costs: pd.DataFrame) -> str:
-    """The run's model evaluations against the naive count, for the matrix, the checks and both."""
-    parts, spent_all, naive_all = [], 0, 0.0
-    for name, prefix in (("matrix", "Eval"), ("sanity checks", "Sanity")):
-        if f"{prefix} naive" not in costs:
-            continue
-        spent = int(costs[f"{prefix} fwd"].sum() + costs[f"{prefix} grad"].sum())
-        naive = None if costs[f"{prefix} naive"].isna().any() else float(costs[f"{prefix} naive"].sum())
-        parts.append(f"{name} {spent:,} of {'unknown' if naive is None else f'{naive:,.0f}'}"
-                     + ("" if not naive else f" ({spent / naive:.2f})"))
-        spent_all += spent
-        naive_all = None if naive is None or naive_all is None else naive_all + naive
-    total = ("" if not naive_all else
-             f"; the whole run spent {spent_all:,} model evaluations against {naive_all:,.0f} naive, a ratio of "
-             f"**{spent_all / naive_all:.2f}**")
-    return "Model evaluations spent of naive: " + "; ".join(parts) + total + "."
-
-
-def _guard_note(training: dict) -> str:
-    guard = training.get("guard")
-    if not guard:
-        return "did not fire" if any("guard_pgd_accuracy" in e for e in training.get("epochs", [])) else "off"
-    return (f"fired at epoch {guard['epoch']}: PGD accuracy {100 * guard['pgd_accuracy']:.0f}% after "
-            f"{100 * guard['best_pgd_accuracy']:.0f}% at epoch {guard['best_epoch']} ({guard['action']})")

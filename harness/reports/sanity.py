@@ -9,8 +9,9 @@ import pandas as pd
 
 from harness.check_types import Verdict
 from harness.provenance import code_commit
-from harness.ranking import interval_footnote
-from harness.report import MISSING, MISSING_VERDICT, Leaderboard, _markdown, overall
+from harness.reports.ranking import interval_footnote
+from harness.reports.aggregate import MISSING_VERDICT, Leaderboard, overall
+from harness.reports.markdown import MISSING, markdown_table as _markdown
 
 
 def render_sanity(board: Leaderboard, out_dir: Path, *, command: str) -> str:
