@@ -21,11 +21,22 @@ import numpy as np
 import torch
 from torch import nn
 
-from harness.registry import Family
+from harness.registry import Choice, Family
 from harness.threat import Norm, check_eps  # noqa: F401  (check_eps: re-exported for attacks)
 
 
 FAMILIES = tuple(f.value for f in Family)
+
+
+class LabelMode(Choice):
+    """The label a one-step direction is built from (Kurakin et al. 2017): the true one (it leaks labels), the
+    model's prediction, its least-likely class, a random other class, or none (the prediction's entropy)."""
+
+    TRUE = "true"
+    PREDICTED = "predicted"
+    LEAST_LIKELY = "least-likely"
+    RANDOM = "random"
+    ENTROPY = "entropy"
 
 
 class ExampleRandomness:

@@ -25,12 +25,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from attacks_ext.base import ExampleRandomness, seed_from
+from attacks_ext.base import ExampleRandomness, LabelMode, seed_from
 from attacks_ext.pgd import ascend, cross_entropy_gradient
 from harness.registry import PROBES
 from harness.threat import Norm
 
-GRADIENT_LABELS = ("true", "predicted", "least-likely", "random")
+GRADIENT_LABELS = (LabelMode.TRUE, LabelMode.PREDICTED, LabelMode.LEAST_LIKELY, LabelMode.RANDOM)
 
 
 @dataclass(frozen=True)
@@ -101,7 +101,8 @@ def probe_perturbation_labels(model, x, y, *, generator, folds: int = 5) -> dict
         logits = model(x)
     classes = logits.shape[1]
     offset = ExampleRandomness(seed_from(generator), range(len(y))).randint(1, classes).to(y.device)  # per example
-    built_from = {"true": y, "predicted": logits.argmax(1), "least-likely": logits.argmin(1), "random": (y + offset) % classes}
+    built_from = {LabelMode.TRUE: y, LabelMode.PREDICTED: logits.argmax(1), LabelMode.LEAST_LIKELY: logits.argmin(1),
+                  LabelMode.RANDOM: (y + offset) % classes}
     order = torch.randperm(len(y), generator=generator)
     fold_of = torch.empty(len(y), dtype=torch.long)
     fold_of[order] = torch.arange(len(y)) % folds
@@ -113,7 +114,7 @@ def probe_perturbation_labels(model, x, y, *, generator, folds: int = 5) -> dict
         labels = labels.cpu()
         out[f"{name}_label"] = labels.numpy()
         out[f"{name}_to_true"] = held_out_predictions(perturbation, y_cpu, fold_of, classes)
-        out[f"{name}_to_own"] = (out[f"{name}_to_true"] if name == "true" else
+        out[f"{name}_to_own"] = (out[f"{name}_to_true"] if name == LabelMode.TRUE else
                                  held_out_predictions(perturbation, labels, fold_of, classes))
     return out
 

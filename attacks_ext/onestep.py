@@ -24,20 +24,20 @@ import math
 import torch
 import torch.nn.functional as F
 
-from attacks_ext.base import Attack, ExampleRandomness
+from attacks_ext.base import Attack, ExampleRandomness, LabelMode
 from attacks_ext.pgd import ascend, cross_entropy_gradient
 from harness.registry import ATTACKS, Family
 from harness.threat import Norm
 
-TARGETS = ("true", "predicted", "least-likely", "random", "entropy")
+TARGETS = tuple(LabelMode)
 
 
-def _input_gradient(model, x: torch.Tensor, target: str, y: torch.Tensor, rng: ExampleRandomness) -> torch.Tensor:
+def _input_gradient(model, x: torch.Tensor, target: LabelMode, y: torch.Tensor, rng: ExampleRandomness) -> torch.Tensor:
     """Gradient at x of the loss whose sign the method follows (ascent for true/predicted/entropy,
     the caller descends for least-likely/random targets)."""
     x = x.detach().requires_grad_(True)
     logits = model(x)
-    if target == "entropy":
+    if target == LabelMode.ENTROPY:
         log_p = F.log_softmax(logits, dim=1)
         loss = -(log_p.exp() * log_p).sum()
     else:
@@ -47,14 +47,14 @@ def _input_gradient(model, x: torch.Tensor, target: str, y: torch.Tensor, rng: E
     return grad
 
 
-def choose_labels(logits: torch.Tensor, y: torch.Tensor, target: str, rng: ExampleRandomness) -> torch.Tensor:
-    if target == "true":
+def choose_labels(logits: torch.Tensor, y: torch.Tensor, target: LabelMode, rng: ExampleRandomness) -> torch.Tensor:
+    if target == LabelMode.TRUE:
         return y
-    if target == "predicted":
+    if target == LabelMode.PREDICTED:
         return logits.argmax(1)
-    if target == "least-likely":
+    if target == LabelMode.LEAST_LIKELY:
         return logits.argmin(1)
-    if target == "random":  # uniform over the other classes: offset 1..C-1 from the true label
+    if target == LabelMode.RANDOM:  # uniform over the other classes: offset 1..C-1 from the true label
         classes = logits.shape[1]
         offset = rng.randint(1, classes).to(y.device)
         return (y + offset) % classes
@@ -76,10 +76,11 @@ class OneStepAttack(Attack):
 
     per_example_eps = True
 
-    def __init__(self, name: str, norm: Norm, *, target: str | None, scaling: str = "sign", descend: bool = False,
+    def __init__(self, name: str, norm: Norm, *, target: LabelMode | str | None, scaling: str = "sign", descend: bool = False,
                  uses_true_label: bool):
         super().__init__(name, norm, uses_true_label=uses_true_label, family="noise" if target is None else "one-step")
-        self.target, self.scaling, self.descend = target, scaling, descend
+        self.target = None if target is None else LabelMode.parse(target, "target")
+        self.scaling, self.descend = scaling, descend
 
     def run(self, model, x, y, *, eps, rng):
         if self.target is None:
@@ -143,13 +144,13 @@ class BasicIterativeAttack(Attack):
 
 ONE_STEP = {
     # id: (norm, target, scaling, descend, reads the true label, description)
-    "fgsm": (Norm.LINF, "true", "sign", False, True, "FGSM: sign of the true-label loss gradient (Goodfellow et al. 2015)."),
-    "fgsm-pred": (Norm.LINF, "predicted", "sign", False, False, "FGSM on the predicted label (label-free twin of FGSM; Kurakin et al. 2017)."),
-    "fast-entropy": (Norm.LINF, "entropy", "sign", False, False, "Fast entropy: sign of the prediction-entropy gradient (Kurakin et al. 2017)."),
-    "fast-grad-linf": (Norm.LINF, "true", "linf", False, True, "Fast grad Linf: eps * g / ||g||_inf of the true-label loss (Kurakin et al. 2017)."),
-    "fast-grad-l2": (Norm.L2, "true", "l2", False, True, "Fast grad L2: eps * g / ||g||_2 of the true-label loss (Kurakin et al. 2017)."),
-    "step-ll": (Norm.LINF, "least-likely", "sign", True, False, "Step l.l.: one signed step towards the least-likely class (Kurakin et al. 2017)."),
-    "step-rnd": (Norm.LINF, "random", "sign", True, True, "Step rnd: one signed step towards a random other class (Kurakin et al. 2017)."),
+    "fgsm": (Norm.LINF, LabelMode.TRUE, "sign", False, True, "FGSM: sign of the true-label loss gradient (Goodfellow et al. 2015)."),
+    "fgsm-pred": (Norm.LINF, LabelMode.PREDICTED, "sign", False, False, "FGSM on the predicted label (label-free twin of FGSM; Kurakin et al. 2017)."),
+    "fast-entropy": (Norm.LINF, LabelMode.ENTROPY, "sign", False, False, "Fast entropy: sign of the prediction-entropy gradient (Kurakin et al. 2017)."),
+    "fast-grad-linf": (Norm.LINF, LabelMode.TRUE, "linf", False, True, "Fast grad Linf: eps * g / ||g||_inf of the true-label loss (Kurakin et al. 2017)."),
+    "fast-grad-l2": (Norm.L2, LabelMode.TRUE, "l2", False, True, "Fast grad L2: eps * g / ||g||_2 of the true-label loss (Kurakin et al. 2017)."),
+    "step-ll": (Norm.LINF, LabelMode.LEAST_LIKELY, "sign", True, False, "Step l.l.: one signed step towards the least-likely class (Kurakin et al. 2017)."),
+    "step-rnd": (Norm.LINF, LabelMode.RANDOM, "sign", True, True, "Step rnd: one signed step towards a random other class (Kurakin et al. 2017)."),
     "random-sign": (Norm.LINF, None, "sign", False, False, "Sign of random normal noise, eps * sign(N(0, I)): a no-gradient baseline."),
     "truncnorm-noise": (Norm.LINF, None, "truncnorm", False, False, "Truncated-normal noise, std eps/2 on [-eps, eps]: a no-gradient baseline."),
 }

@@ -21,14 +21,27 @@ import math
 from dataclasses import dataclass, field
 
 from harness.models import ACTIVATIONS
-from harness.registry import ATTACKS, DEFENSES, MODELS, check_keywords
+from harness.registry import ATTACKS, DEFENSES, MODELS, Choice, check_keywords
 from harness.threat import Norm
 
 OPTIMIZERS = ("adam", "sgd")
 LOSSES = ("ce", "trades")
-# How the logit-squeezing term meets the cross-entropy; see `defenses.train.squeeze_term` and the README.
-SQUEEZE_FORMS = ("batch-frobenius", "batch-frobenius-sum-ce", "per-example-mean")
-OVERFIT_GUARDS = ("off", "flag", "stop")
+
+
+class SqueezeForm(Choice):
+    """How the logit-squeezing term meets the cross-entropy; see `defenses.train.squeeze_term` and the README."""
+
+    BATCH_FROBENIUS = "batch-frobenius"
+    BATCH_FROBENIUS_SUM_CE = "batch-frobenius-sum-ce"
+    PER_EXAMPLE_MEAN = "per-example-mean"
+
+
+class OverfitGuard(Choice):
+    """What the guard against catastrophic overfitting does when held-out PGD accuracy collapses."""
+
+    OFF = "off"  # not watched
+    FLAG = "flag"  # recorded in the training log and on the board
+    STOP = "stop"  # recorded, and training ends with the best epoch's weights
 
 
 @dataclass(frozen=True)
@@ -66,10 +79,10 @@ class Recipe:
     trades_steps: int = 10
     label_smoothing: float = 0.0  # alpha
     logit_squeeze: float = 0.0  # beta
-    logit_squeeze_form: str = "batch-frobenius"
+    logit_squeeze_form: SqueezeForm = SqueezeForm.BATCH_FROBENIUS
     gaussian_noise: float = 0.0  # sigma, in [0, 1] input units
     # guard against catastrophic overfitting of one-step training
-    overfit_guard: str = "off"
+    overfit_guard: OverfitGuard = OverfitGuard.OFF
     guard_examples: int = 256  # held out of training to measure PGD accuracy each epoch
 
     def _fail(self, message: str):
@@ -100,11 +113,14 @@ class Recipe:
             if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                 self._fail(f"{key} must be an integer >= 0, got {value!r}")
         for key, value, allowed in (("optimizer", self.optimizer, OPTIMIZERS), ("loss", self.loss, LOSSES),
-                                    ("activation", self.activation, ACTIVATIONS),
-                                    ("logit_squeeze_form", self.logit_squeeze_form, SQUEEZE_FORMS),
-                                    ("overfit_guard", self.overfit_guard, OVERFIT_GUARDS)):
+                                    ("activation", self.activation, ACTIVATIONS)):
             if value not in allowed:
                 self._fail(f"{key} {value!r} unknown; allowed: {', '.join(allowed)}")
+        for key, vocabulary in (("logit_squeeze_form", SqueezeForm), ("overfit_guard", OverfitGuard)):
+            try:  # the TOML's spelling becomes the member (frozen: set through object)
+                object.__setattr__(self, key, vocabulary.parse(getattr(self, key), key))
+            except ValueError as error:
+                self._fail(str(error))
         for key in ("adversarial_fraction", "adversarial_weight", "label_smoothing"):
             value = getattr(self, key)
             if not isinstance(value, (int, float)) or isinstance(value, bool) or not 0 <= value <= 1:

@@ -27,7 +27,7 @@ from harness.counting import EvaluationCounter
 from harness.data import Dataset
 from harness.models import build_model, correct_predictions
 from attacks_ext.pgd import project
-from defenses.recipes import Recipe
+from defenses.recipes import OverfitGuard, Recipe, SqueezeForm
 from harness.registry import ATTACKS, MODELS
 from harness.threat import Norm
 
@@ -118,10 +118,10 @@ def smoothed_cross_entropy(logits: torch.Tensor, y: torch.Tensor, alpha: float) 
     return -(target * log_p).sum(1)
 
 
-def squeeze_term(logits: torch.Tensor, form: str) -> torch.Tensor:
+def squeeze_term(logits: torch.Tensor, form: SqueezeForm) -> torch.Tensor:
     """The logit-squeezing penalty (before beta): the Frobenius norm of the minibatch logit matrix, or the
     mean of the per-example logit norms."""
-    if form == "per-example-mean":
+    if form == SqueezeForm.PER_EXAMPLE_MEAN:
         return logits.norm(dim=1).mean()
     return logits.norm()
 
@@ -138,7 +138,7 @@ def recipe_loss(recipe: Recipe, logits: torch.Tensor, y: torch.Tensor, k: int) -
     """The recipe's loss on one minibatch whose first k examples are adversarial (TRADES' KL term aside):
     Kurakin's weighted smoothed cross-entropy plus the logit-squeezing term in the recipe's form."""
     loss = kurakin_loss(smoothed_cross_entropy(logits, y, recipe.label_smoothing), k, recipe.adversarial_weight)
-    if recipe.logit_squeeze_form == "batch-frobenius-sum-ce":
+    if recipe.logit_squeeze_form == SqueezeForm.BATCH_FROBENIUS_SUM_CE:
         loss = loss * len(y)  # Madry et al.'s MNIST code sums the cross-entropy over the minibatch
     if recipe.logit_squeeze > 0:
         loss = loss + recipe.logit_squeeze * squeeze_term(logits, recipe.logit_squeeze_form)
@@ -215,7 +215,7 @@ def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | st
     shuffle = torch.Generator().manual_seed(seed)
     draws = torch.Generator().manual_seed(seed + 1)  # adversary randomness, eps draws, noise
     x_all, y_all = data.x_train, data.y_train
-    guard = recipe.overfit_guard != "off"
+    guard = recipe.overfit_guard is not OverfitGuard.OFF
     if guard:  # held out so the guard measures generalization, not memorization
         x_guard, y_guard = x_all[-recipe.guard_examples:].to(device), y_all[-recipe.guard_examples:].to(device)
         x_all, y_all = x_all[: -recipe.guard_examples], y_all[: -recipe.guard_examples]
@@ -280,10 +280,10 @@ def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | st
                 best_state = {name: t.detach().clone() for name, t in model.state_dict().items()}
             elif best_guard >= 0.2 and record["guard_pgd_accuracy"] < 0.5 * best_guard and log.guard is None:
                 log.guard = {"epoch": epoch + 1, "pgd_accuracy": record["guard_pgd_accuracy"], "best_epoch": best_epoch,
-                             "best_pgd_accuracy": best_guard, "action": recipe.overfit_guard}
+                             "best_pgd_accuracy": best_guard, "action": recipe.overfit_guard.value}
         log.epochs.append(record)
         epochs.set_postfix(loss=f"{record['loss']:.3f}", clean=f"{record['clean_accuracy']:.3f}")
-        if guard and log.guard is not None and recipe.overfit_guard == "stop":
+        if guard and log.guard is not None and recipe.overfit_guard is OverfitGuard.STOP:
             model.load_state_dict(best_state)  # catastrophic overfitting: keep the last good weights
             break
     optimizer.zero_grad(set_to_none=True)  # a checkpointed model carries no stale gradients

@@ -28,7 +28,22 @@ class UnknownEntryError(KeyError):
         return str(self.args[0])
 
 
-class Family(str, enum.Enum):
+class Choice(enum.StrEnum):
+    """A closed vocabulary of TOML spellings at the boundary (members compare equal to, and print as, their
+    spelling); `parse` turns a spelling into a member or names the allowed ones."""
+
+    @classmethod
+    def parse(cls, value, what: str | None = None):
+        if isinstance(value, cls):
+            return value
+        try:
+            return cls(value)
+        except ValueError:
+            allowed = ", ".join(member.value for member in cls)
+            raise ValueError(f"{what or cls.__name__} {value!r} unknown; allowed: {allowed}") from None
+
+
+class Family(Choice):
     """What kind of attack an entry is; the sanity checks compare families against each other."""
 
     ONE_STEP = "one-step"
@@ -37,11 +52,8 @@ class Family(str, enum.Enum):
     NOISE = "noise"
 
     @classmethod
-    def parse(cls, value) -> "Family":
-        try:
-            return cls(value)
-        except ValueError:
-            raise ValueError(f"attack family {value!r} unknown; allowed: {', '.join(f.value for f in cls)}") from None
+    def parse(cls, value, what: str | None = "attack family") -> "Family":
+        return super().parse(value, what)
 
 
 PLUGIN_GROUP = "robustness_harness.plugins"

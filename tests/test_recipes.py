@@ -260,3 +260,20 @@ def test_recipes_train_to_useful_models(tiny_mnist):
         model, log = train(build_recipe(name, epochs=3, **overrides), tiny_mnist, seed=0, progress=False)
         assert accuracy(model, tiny_mnist.x_test, tiny_mnist.y_test) > 0.5, (name, log.epochs[-1])
         assert math.isfinite(log.epochs[-1]["loss"])
+
+
+def test_vocabularies_become_enums_at_the_boundary():
+    """TOML spellings of squeeze forms, guards and label modes become enum members when a recipe or attack is built
+    (so code compares members, not strings), and print as the spelling the user wrote."""
+    from attacks_ext.base import LabelMode
+    from attacks_ext.onestep import OneStepAttack
+    from defenses.recipes import OverfitGuard, SqueezeForm
+
+    squeezed = build_recipe("logit-squeezing", logit_squeeze_form="per-example-mean", logit_squeeze=2.0)
+    assert squeezed.logit_squeeze_form is SqueezeForm.PER_EXAMPLE_MEAN
+    assert "(per-example-mean)" in squeezed.summary()
+    assert build_recipe("fgsm-at", overfit_guard="stop").overfit_guard is OverfitGuard.STOP
+    assert ATTACKS.get("step-ll")().target is LabelMode.LEAST_LIKELY
+    assert OneStepAttack("x", Norm.LINF, target="predicted", uses_true_label=False).target is LabelMode.PREDICTED
+    with pytest.raises(ValueError, match="target 'truth' unknown; allowed: true, predicted, least-likely, random, entropy"):
+        OneStepAttack("x", Norm.LINF, target="truth", uses_true_label=True)
