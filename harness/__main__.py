@@ -1,4 +1,4 @@
-"""Command line: `python -m harness run|report|check|list|attack-cost|strength-per-cost|power`."""
+"""Command line: `python -m harness run|report|check|list|attack-cost|strength-per-cost|power|scaling`."""
 from __future__ import annotations
 
 import argparse
@@ -32,6 +32,19 @@ def _parser() -> argparse.ArgumentParser:
         command.add_argument("--out", type=Path, default=REPO_ROOT / "leaderboards", help="leaderboard folder")
         command.add_argument("--device", default="auto", help="auto, cpu, cuda or cuda:N (default auto)")
         command.add_argument("--no-progress", action="store_true", help="no progress bars")
+        if name in ("run", "check"):
+            command.add_argument("--executor", choices=("sequential", "ray"), default="sequential",
+                                 help="where cells and training run: this process (default) or Ray tasks")
+            command.add_argument("--ray-address", default=None, metavar="ADDRESS",
+                                 help="with --executor ray: 'auto' or ray://host:port of an existing cluster "
+                                      "(default: a local instance sized to this machine)")
+            command.add_argument("--threads", type=int, default=None,
+                                 help="torch threads per task (and Ray CPUs per task); part of every checkpoint key "
+                                      "(default: torch's own count, 1 per Ray task)")
+            command.add_argument("--gpus-per-task", type=float, default=0.0,
+                                 help="with --executor ray: GPUs per task, fractions share one (default 0)")
+            command.add_argument("--max-in-flight", type=int, default=None,
+                                 help="with --executor ray: tasks submitted at once (default 2 x CPUs / threads)")
         if name == "run":
             command.add_argument("--start-over", action="store_true",
                                  help="replace a results file that holds no store (emptied or foreign) with a new one")
@@ -74,7 +87,29 @@ def _parser() -> argparse.ArgumentParser:
                        help="share of examples on which the two models disagree, when both run on the same examples")
     power.add_argument("--alpha", type=float, default=0.05, help="two-sided significance level (default 0.05)")
     power.add_argument("--power", type=float, default=0.8, help="power (default 0.8)")
+    text = "the makespan of a benchmark on 1 to 256 workers and its critical path, from the seconds its store measured"
+    scaling = sub.add_parser("scaling", help=text, description=text)
+    scaling.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"benchmark TOML (default {DEFAULT_SPEC})")
+    scaling.add_argument("--home", type=Path, default=None, help="folder of the results store (default $HARNESS_HOME or ./.harness)")
+    scaling.add_argument("--out", type=Path, default=REPO_ROOT / "leaderboards", help="leaderboard folder")
     return parser
+
+
+def _scaling(args) -> int:
+    from harness import spec as spec_module
+    from harness.data import load_dataset
+    from harness.reports.scaling import render
+    from harness.store import ResultStore
+
+    spec = spec_module.load(args.spec)
+    data = load_dataset(spec.dataset, **dict(spec.dataset_options))
+    database = (args.home or default_home()) / "results.sqlite"
+    if not database.is_file():
+        raise FileNotFoundError(f"no results store at {database}: run `python -m harness run {args.spec}` first")
+    with ResultStore(database) as store:
+        path = render(spec, store, data, args.out, command=f"python -m harness scaling {shlex.quote(str(args.spec))}")
+    print(f"harness: wrote {path}")
+    return 0
 
 
 def _power(args) -> int:
@@ -158,11 +193,20 @@ def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]
 
     spec = spec_module.load(args.spec)
     data = load_dataset(spec.dataset, **dict(spec.dataset_options))
+    executor = _executor(args) if compute else None
     with ResultStore(home / "results.sqlite", lock=compute, start_over=getattr(args, "start_over", False)) as store:
         if compute:
             started = time.perf_counter()
-            summary = run(spec, store=store, cache_dir=home / "checkpoints", device=resolve_device(args.device),
-                          progress=not args.no_progress, data=data)
+            try:
+                summary = run(spec, store=store, cache_dir=home / "checkpoints", device=resolve_device(args.device),
+                              progress=not args.no_progress, data=data, executor=executor)
+            finally:
+                if executor is not None:
+                    executor.close()
+            if executor is not None and executor.overhead:
+                overhead = sorted(executor.overhead)
+                print(f"harness: Ray overhead per cell (round trip minus the cell's own seconds): median "
+                      f"{1000 * overhead[len(overhead) // 2]:.1f} ms over {len(overhead)} cells")
             print(f"harness: {spec.name}: {summary.planned} cells, {summary.computed} computed, "
                   f"{summary.skipped} already in the store, {len(summary.failed)} failed "
                   f"({time.perf_counter() - started:.1f} s)")
@@ -176,6 +220,27 @@ def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]
     for path in paths:
         print(f"harness: wrote {path}")
     return paths
+
+
+def _executor(args):
+    """The executor the flags ask for (None: sequential); sets torch's threads, which the checkpoint keys record."""
+    import torch
+
+    ray = args.executor == "ray"
+    if not ray and (args.ray_address is not None or args.gpus_per_task or args.max_in_flight is not None):
+        raise ValueError("--ray-address, --gpus-per-task and --max-in-flight need --executor ray")
+    threads = args.threads if args.threads is not None else (1 if ray else torch.get_num_threads())
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    if not ray:
+        return None
+    from harness.distributed import RayExecutor
+
+    executor = RayExecutor(address=args.ray_address, threads=threads, gpus=args.gpus_per_task,
+                           max_in_flight=args.max_in_flight)
+    executor.start()  # an unreachable address fails here, before anything is computed
+    return executor
 
 
 def _convert(args) -> int:
@@ -230,6 +295,8 @@ def _dispatch(args) -> int:
     try:
         if args.command == "strength-per-cost":
             return _strength(args)
+        if args.command == "scaling":
+            return _scaling(args)
         if args.command in ("run", "report"):
             _run_and_render(args, args.home or default_home(), args.out, compute=args.command == "run")
             return 0
@@ -256,6 +323,11 @@ def _dispatch(args) -> int:
         print(f"harness check: {names} match a from-scratch regeneration within {args.tolerance} points")
         return 0
     except (SpecError, StoreError, FileNotFoundError, ValueError, KeyError) as error:
+        print(f"harness: error: {error}", file=sys.stderr)
+        return 2
+    except RuntimeError as error:  # Ray missing or its cluster unreachable: the message names the flag
+        if "--executor ray" not in str(error) and "--ray-address" not in str(error):
+            raise
         print(f"harness: error: {error}", file=sys.stderr)
         return 2
 

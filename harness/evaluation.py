@@ -115,7 +115,7 @@ class CellRunner:
 
     def __init__(self, spec: BenchmarkSpec, data: Dataset, defenses: dict[str, PreparedDefense], device: torch.device,
                  finished: Callable[[list[str]], dict[str, CellRecord]] | None = None):
-        self.data, self.defenses, self.device = data, defenses, device
+        self.spec, self.data, self.defenses, self.device = spec, data, defenses, device
         self.batch_size = spec.batch_size
         self.x = data.x_test[: spec.eval_examples]
         self.y = data.y_test[: spec.eval_examples]

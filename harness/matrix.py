@@ -57,6 +57,8 @@ def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: tor
         return summary
     names = dict.fromkeys(name for cell in todo for name in (cell.defense, cell.source) if name is not None)
     unusable: dict[str, str] = {}
+    if hasattr(executor, "train"):  # a parallel executor trains the missing checkpoints first; the driver writes them
+        executor.train(spec, names, data, cache_dir=cache_dir, device=device, failed=unusable)
     prepared = prepare_defenses(spec, names, data, cache_dir=cache_dir, device=device, progress=progress,
                                 on_prepared=lambda name, p: store.write_defense(
                                     p.key, name, p.spec.kind, describe_defense(p.spec), p.training),
