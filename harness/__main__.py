@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     cost.add_argument("--out", type=Path, default=REPO_ROOT / "leaderboards", help="leaderboard folder")
     cost.add_argument("--strength", type=Path, default=STRENGTH_JSON,
                       help="strength-per-cost JSON to include when it exists (default .benchmarks/strength-per-cost.json)")
+    cost.add_argument("--strength-only", action="store_true",
+                      help="rewrite only the page's strength section from --strength, keeping its timing tables")
     text = "convert a .pt/.pth state dict to safetensors (read with torch.load(weights_only=True), never unpickled)"
     convert = sub.add_parser("convert-weights", help=text, description=text)
     convert.add_argument("source", type=Path, help="the .pt / .pth file")
@@ -283,7 +285,12 @@ def _dispatch(args) -> int:
         from harness.reports.attack_cost import render
 
         try:
-            path = render(args.json, args.out, command="tox -e bench", strength=args.strength)
+            if args.strength_only:
+                from harness.reports.attack_cost import render_strength
+
+                path = render_strength(args.out, args.strength)
+            else:
+                path = render(args.json, args.out, command="tox -e bench", strength=args.strength)
         except (FileNotFoundError, ValueError) as error:
             print(f"harness: error: {error}", file=sys.stderr)
             return 2

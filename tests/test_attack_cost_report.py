@@ -86,3 +86,32 @@ def test_adapter_overhead_divides_the_adapter_by_the_bare_library_call(tmp_path)
     markdown = render(path, tmp_path / "out", command="test").read_text()
     row = next(line for line in markdown.split("## Adapter overhead")[1].splitlines() if line.startswith("| ta-pgd-linf"))
     assert "torchattacks" in row and "1.05" in row
+
+
+def comparison(defense: str, ours: float, autoattack: float) -> dict:
+    rows = [{"label": "ours: the benchmark's worst-case cascade", "attack": "fgsm+pgd", "robust": ours, "seconds": 1.0,
+             "forward_evals": 100, "gradient_evals": 50, "broken_only_by_this": None, "missed_by_this": None},
+            {"label": "AutoAttack standard, original code (pyautoattack)", "attack": "aa-standard", "robust": autoattack,
+             "seconds": 9.0, "forward_evals": 2000, "gradient_evals": 1000, "broken_only_by_this": 1, "missed_by_this": 0}]
+    return {"benchmark": "b", "defense": defense, "norm": "linf", "eps": 0.3, "examples": 100, "clean": 99.0,
+            "ours_columns": ["fgsm", "pgd"], "device": "cpu", "commit": "abc", "date": "2026-12-02T00:00:00", "rows": rows}
+
+
+def test_the_strength_section_is_rewritten_alone_keeping_the_timings(tmp_path):
+    from harness.reports.attack_cost import render_strength
+
+    timings = tmp_path / "b.json"
+    timings.write_text(json.dumps({"machine_info": {"cpu": {"brand_raw": "Test CPU"}}, "benchmarks": [
+        bench("floor", 16, 0.010), bench("pgd-linf", 16, 0.44, forward=16 * 40, gradient=16 * 40, floor_ratio=1.0625)]}))
+    old, new = tmp_path / "old.json", tmp_path / "new.json"
+    old.write_text(json.dumps({"comparisons": [comparison("pgd-at", 64.0, 63.0)]}))
+    new.write_text(json.dumps({"comparisons": [comparison("pgd-at", 62.0, 63.0), comparison("trades", 42.0, 43.0)]}))
+    page = render(timings, tmp_path / "out", command="test", strength=old).read_text()
+    assert "### `pgd-at`" in page and "### `trades`" not in page
+    rewritten = render_strength(tmp_path / "out", new).read_text()
+    assert rewritten.split("## Strength per cost")[0] == page.split("## Strength per cost")[0]  # timings kept
+    assert rewritten.count("## Strength per cost against AutoAttack") == 1 and "### `trades`" in rewritten
+    assert "| 62.00 " in rewritten and "| 64.00 " not in rewritten and "**2 of 2**" in rewritten
+    assert render_strength(tmp_path / "out", new).read_text() == rewritten  # twice is once
+    with pytest.raises(FileNotFoundError, match="no strength-per-cost JSON"):
+        render_strength(tmp_path / "out", tmp_path / "missing.json")
