@@ -20,6 +20,7 @@ def default_home() -> Path:
 
 
 def _parser() -> argparse.ArgumentParser:
+    # Long by design: every subcommand's flags in one place, in the order `--help` lists them.
     parser = argparse.ArgumentParser(prog="python -m harness", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     for name, text in (("run", "run every missing cell of a benchmark, then render its leaderboard"),
@@ -275,6 +276,7 @@ def main(argv: list[str] | None = None) -> int:
 
 
 def _dispatch(args) -> int:
+    # Long by design: one place turns each command's bad input into an exit code and a message, never a traceback.
     if args.command == "list":
         return _list(args.what)
     if args.command == "convert-weights":

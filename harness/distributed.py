@@ -102,7 +102,7 @@ class RayExecutor:
               failed: dict[str, str]) -> None:
         """Train every named recipe (and the ensemble sources it needs) whose checkpoint is not in the cache, in
         parallel tasks; an ensemble is submitted once its sources are in the cache. The driver writes each entry."""
-        from defenses.train import cached_checkpoint
+        from defenses.checkpoints import cached_checkpoint
         from harness.preparation import defense_keys
 
         self.start()
@@ -214,13 +214,13 @@ def _needs(cell: Cell) -> set[str]:
 
 
 def _weights_of(recipe, key: str, cache_dir: Path) -> bytes:
-    from defenses.train import _paths
+    from defenses.checkpoints import _paths
 
     return _paths(Path(cache_dir), recipe, key)[0].read_bytes()
 
 
 def _write_trained(recipe, data: Dataset, key: str, seed: int, result: tuple, cache_dir: Path) -> None:
-    from defenses.train import write_checkpoint
+    from defenses.checkpoints import write_checkpoint
 
     weights, sha256, log = result
     write_checkpoint(recipe, data, key=key, seed=seed, weights_bytes=weights, log=log, cache_dir=cache_dir, sha256=sha256)
@@ -240,7 +240,8 @@ def _train_task(recipe, data: Dataset, seed: int, key: str, sources: dict, devic
     """Train one recipe; returns (safetensors bytes, their sha256, the log), or the traceback text."""
     torch.set_num_threads(threads)
     try:
-        from defenses.train import build_recipe_model, checkpoint_bytes, train
+        from defenses.checkpoints import checkpoint_bytes
+        from defenses.train import build_recipe_model, train
         from safetensors.torch import load
 
         models = {}

@@ -10,7 +10,7 @@ from typing import Callable, Iterable
 
 import torch
 
-from defenses.train import Checkpoint, checkpoint_key, file_sha256, load_checkpoint_model, obtain_checkpoint
+from defenses.checkpoints import Checkpoint, checkpoint_key, file_sha256, load_checkpoint_model, obtain_checkpoint
 from harness.data import Dataset
 from harness.models import check_finite_outputs, load_external
 from harness.spec import BenchmarkSpec, DefenseSpec

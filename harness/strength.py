@@ -61,6 +61,7 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
     attacked the same checkpoint, examples and (norm, eps) with the same attack, options, seed, device and
     library versions (see `reusable_row`): AutoAttack's result does not depend on our cascade, and it is the
     expensive half of a comparison. The row keeps its own date and commit under "reused_from"."""
+    # Long by design: ours and each contender are timed and counted the same way, side by side in one function.
     data = data if data is not None else load_dataset(spec.dataset, **dict(spec.dataset_options))
     names = [d.name for d in spec.defenses]
     if defense not in names:

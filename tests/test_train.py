@@ -4,9 +4,11 @@ import json
 import pytest
 import torch
 
+import defenses.checkpoints as checkpoints
 import defenses.train as training
 from defenses.recipes import build_recipe
-from defenses.train import checkpoint_key, obtain_checkpoint, train
+from defenses.checkpoints import checkpoint_key, obtain_checkpoint
+from defenses.train import train
 from tests.conftest import accuracy
 
 
@@ -63,7 +65,7 @@ def test_cache_trains_once_then_loads(tiny_mnist, tmp_path, monkeypatch):
     first = obtain_checkpoint(recipe, tiny_mnist, seed=0, cache_dir=tmp_path, progress=False)
     assert first.weights.suffix == ".safetensors" and first.weights.exists()
     assert first.key == checkpoint_key(recipe, tiny_mnist, 0)
-    monkeypatch.setattr(training, "train", lambda *a, **k: pytest.fail("retrained although the cache was valid"))
+    monkeypatch.setattr(checkpoints, "train", lambda *a, **k: pytest.fail("retrained although the cache was valid"))
     second = obtain_checkpoint(recipe, tiny_mnist, seed=0, cache_dir=tmp_path, progress=False)
     assert second.key == first.key and second.log["forward_passes"] == 800
 
@@ -74,7 +76,14 @@ def test_cache_key_depends_on_recipe_data_seed_and_code(tiny_mnist, mnist, monke
     assert base != checkpoint_key(build_recipe("natural", epochs=2), tiny_mnist, 0)
     assert base != checkpoint_key(recipe, mnist, 0)
     assert base != checkpoint_key(recipe, tiny_mnist, 1)
-    monkeypatch.setattr(training, "training_code_version", lambda roots=(): "edited")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(2 if threads == 1 else 1)  # 1 and 2 threads train different bits
+    try:
+        assert base != checkpoint_key(recipe, tiny_mnist, 0)
+    finally:
+        torch.set_num_threads(threads)
+    assert base == checkpoint_key(recipe, tiny_mnist, 0)
+    monkeypatch.setattr(checkpoints, "training_code_version", lambda roots=(): "edited")
     assert base != checkpoint_key(recipe, tiny_mnist, 0)
 
 
@@ -95,6 +104,8 @@ def test_training_code_version_follows_imports_not_folders(tmp_path, monkeypatch
         handle.write("# a check changed\n")
     with open(tmp_path / "harness" / "reports" / "aggregate.py", "a") as handle:
         handle.write("# a report changed\n")
+    with open(tmp_path / "defenses" / "checkpoints.py", "a") as handle:  # how the cache is written, not training
+        handle.write("# the cache changed\n")
     assert training.training_code_version(roots) == before
     with open(tmp_path / "attacks_ext" / "base.py", "a") as handle:  # imported by the adversary's module
         handle.write("# the attack interface changed\n")
@@ -115,4 +126,4 @@ def test_damaged_cache_is_reported_and_retrained(tiny_mnist, tmp_path, capsys, d
         first.weights.with_suffix(".json").write_text("{not json")
     again = obtain_checkpoint(recipe, tiny_mnist, seed=0, cache_dir=tmp_path, progress=False)
     assert "failed verification" in capsys.readouterr().err
-    assert json.loads(again.weights.with_suffix(".json").read_text())["sha256"] == training.file_sha256(again.weights)
+    assert json.loads(again.weights.with_suffix(".json").read_text())["sha256"] == checkpoints.file_sha256(again.weights)
