@@ -235,10 +235,10 @@ def _executor(args):
     threads = args.threads if args.threads is not None else (1 if ray else torch.get_num_threads())
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
-    torch.set_num_threads(threads)
     if not ray:
+        torch.set_num_threads(threads)
         return None
-    from harness.distributed import RayExecutor
+    from harness.distributed import RayExecutor  # which sets the driver's threads to the tasks'
 
     executor = RayExecutor(address=args.ray_address, threads=threads, gpus=args.gpus_per_task,
                            max_in_flight=args.max_in_flight)

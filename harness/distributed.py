@@ -56,7 +56,7 @@ class RayExecutor:
         self.ray = import_ray()
         torch.set_num_threads(threads)  # the driver computes the checkpoint keys with its own count: the tasks'.
         self._started = self._owner = False
-        self._spec_ref = self._data_ref = None
+        self._spec_ref = self._data_ref = self._shared_for = None
         self.overhead: list[float] = []  # per cell: round-trip seconds minus the seconds the task itself measured
 
     # --- the Ray instance ---------------------------------------------------------------------------------------
@@ -94,8 +94,10 @@ class RayExecutor:
         return {"num_cpus": self.threads, "num_gpus": self.gpus, "max_retries": self.max_retries}
 
     def _shared(self, spec: BenchmarkSpec, data: Dataset) -> None:
-        if self._data_ref is None:
+        """The benchmark and data set in the object store, once per (spec, data) pair."""
+        if self._shared_for != (id(spec), id(data)):
             self._spec_ref, self._data_ref = self.ray.put(spec), self.ray.put(data)
+            self._shared_for = (id(spec), id(data))
 
     # --- training -------------------------------------------------------------------------------------------------
     def train(self, spec: BenchmarkSpec, names: Iterable[str], data: Dataset, *, cache_dir: Path, device: torch.device,
@@ -127,7 +129,8 @@ class RayExecutor:
         while todo or running:
             for name in [n for n in todo if not any(s in todo or s in running.values() for s in
                                                     by_name[n].recipe.ensemble_sources)]:
-                sources = {s: (by_name[s].recipe, keys[s], _weights_of(by_name[s].recipe, keys[s], cache_dir))
+                sources = {s: (by_name[s].recipe, keys[s],
+                               cached_checkpoint(by_name[s].recipe, data, keys[s], cache_dir).weights.read_bytes())
                            for s in by_name[name].recipe.ensemble_sources if s not in failed}
                 if len(sources) < len(by_name[name].recipe.ensemble_sources):
                     failed[name] = "an ensemble source failed to train"
@@ -211,12 +214,6 @@ def _reachable(address: str, timeout: float = 5.0) -> None:
 def _needs(cell: Cell) -> set[str]:
     """The cells this one reads: its cascade predecessors and the column it reuses."""
     return set(cell.after) | ({cell.reuses} if cell.reuses else set())
-
-
-def _weights_of(recipe, key: str, cache_dir: Path) -> bytes:
-    from defenses.checkpoints import _paths
-
-    return _paths(Path(cache_dir), recipe, key)[0].read_bytes()
 
 
 def _write_trained(recipe, data: Dataset, key: str, seed: int, result: tuple, cache_dir: Path) -> None:

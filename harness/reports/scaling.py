@@ -59,12 +59,17 @@ def task_graph(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> tuple[
     return tasks, missing
 
 
-def _remaining(tasks: dict[str, Task]) -> dict[str, float]:
-    """Each task's longest path to the end of the graph, its own seconds included (its 'bottom level')."""
+def _successors(tasks: dict[str, Task]) -> dict[str, list[str]]:
     successors: dict[str, list[str]] = {key: [] for key in tasks}
     for key, task in tasks.items():
         for before in task.after:
             successors[before].append(key)
+    return successors
+
+
+def _remaining(tasks: dict[str, Task]) -> dict[str, float]:
+    """Each task's longest path to the end of the graph, its own seconds included (its 'bottom level')."""
+    successors = _successors(tasks)
     level: dict[str, float] = {}
     for key in reversed(_topological(tasks)):
         level[key] = tasks[key].seconds + max((level[s] for s in successors[key]), default=0.0)
@@ -92,10 +97,7 @@ def makespan(tasks: dict[str, Task], workers: int) -> float:
     """List scheduling on `workers` identical workers, the longest remaining path first."""
     level = _remaining(tasks)
     waiting = {key: len(task.after) for key, task in tasks.items()}
-    successors: dict[str, list[str]] = {key: [] for key in tasks}
-    for key, task in tasks.items():
-        for before in task.after:
-            successors[before].append(key)
+    successors = _successors(tasks)
     ready = [(-level[key], key) for key, count in waiting.items() if count == 0]
     heapq.heapify(ready)
     running: list[tuple[float, str]] = []
@@ -117,10 +119,7 @@ def makespan(tasks: dict[str, Task], workers: int) -> float:
 def critical_path(tasks: dict[str, Task]) -> list[str]:
     """The chain of tasks whose seconds add up to the longest path."""
     level = _remaining(tasks)
-    successors: dict[str, list[str]] = {key: [] for key in tasks}
-    for key, task in tasks.items():
-        for before in task.after:
-            successors[before].append(key)
+    successors = _successors(tasks)
     starts = [key for key, task in tasks.items() if not task.after]
     path = [max(starts, key=level.get)] if starts else []
     while path and successors[path[-1]]:
