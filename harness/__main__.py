@@ -156,6 +156,10 @@ def _strength(args) -> int:
                 raise ValueError(f"--case {case!r}: give DEFENSE:NORM:EPS, e.g. pgd-at:linf:0.3")
             cases.append((parts[0], Norm.parse(parts[1]), float(parts[2])))
     reuse = strength.load(args.reuse) if args.reuse is not None else []
+    if spec.threads is not None:
+        import torch
+
+        torch.set_num_threads(spec.threads)  # the checkpoint keys record it: the board's own models, not retrained
     result = strength.compare_cases(spec, cases, cache_dir=(args.home or default_home()) / "checkpoints",
                                     device=resolve_device(args.device), progress=not args.no_progress, reuse=reuse)
     for comparison in result["comparisons"]:
@@ -196,7 +200,7 @@ def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]
 
     spec = spec_module.load(args.spec)
     data = load_dataset(spec.dataset, **dict(spec.dataset_options))
-    executor = _executor(args) if compute else None
+    executor = _executor(args, spec) if compute else None
     with ResultStore(home / "results.sqlite", lock=compute, start_over=getattr(args, "start_over", False)) as store:
         if compute:
             started = time.perf_counter()
@@ -225,14 +229,15 @@ def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]
     return paths
 
 
-def _executor(args):
-    """The executor the flags ask for (None: sequential); sets torch's threads, which the checkpoint keys record."""
+def _executor(args, spec):
+    """The executor the flags ask for (None: sequential); sets torch's threads, which the checkpoint keys record:
+    --threads, else the benchmark's `threads`, else torch's own count (1 per Ray task)."""
     import torch
 
     ray = args.executor == "ray"
     if not ray and (args.ray_address is not None or args.gpus_per_task or args.max_in_flight is not None):
         raise ValueError("--ray-address, --gpus-per-task and --max-in-flight need --executor ray")
-    threads = args.threads if args.threads is not None else (1 if ray else torch.get_num_threads())
+    threads = next(t for t in (args.threads, spec.threads, 1 if ray else torch.get_num_threads()) if t is not None)
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     if not ray:

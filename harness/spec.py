@@ -2,7 +2,8 @@
 
 Every error names the file and the TOML key that is wrong, and what is allowed there.
 
-    [benchmark]   name, dataset, dataset_options, seed, eval_examples, batch_size, rank_by
+    [benchmark]   name, dataset, dataset_options, seed, eval_examples, batch_size, rank_by, cascade, eot_samples,
+                  training_seeds, threads (torch's CPU threads per process: part of every checkpoint key)
     [eps]         linf = [...], l2 = [...]            the eps grid per norm, in [0, 1] input units
     [defenses.ID] recipe = "<DEFENSES id>" + recipe options        (trained in-house)
                   or factory = "pkg.module:function", weights = "file.safetensors", options = {...}
@@ -35,7 +36,7 @@ def _fail(path: Path | str, key: str, message: str):
 
 
 BENCHMARK_KEYS = {"name", "dataset", "dataset_options", "seed", "eval_examples", "batch_size", "rank_by", "cascade",
-                  "eot_samples", "training_seeds"}
+                  "eot_samples", "training_seeds", "threads"}
 EXTERNAL_KEYS = {"factory", "weights", "options"}
 
 
@@ -347,6 +348,7 @@ def load(path: str | Path) -> BenchmarkSpec:
         eval_examples=eval_examples,
         batch_size=_positive_int(path, "benchmark.batch_size", bench.get("batch_size", 250)),
         eot_samples=_positive_int(path, "benchmark.eot_samples", bench.get("eot_samples", 8)),
+        threads=None if "threads" not in bench else _positive_int(path, "benchmark.threads", bench["threads"]),
         eps=tuple(grid.items()), defenses=defenses, attacks=attacks, rank_by=(rank_norm, float(rank_eps)),
         replicas=replicas,
     )

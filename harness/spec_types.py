@@ -86,6 +86,10 @@ class BenchmarkSpec:
     robust_features: tuple[tuple[str, object], ...] = ()  # [label_leak] robust_features: source defense and options
     eot_samples: int = 8  # forward passes attacks average on a model whose outputs are randomized (EOT)
     replicas: tuple[DefenseSpec, ...] = ()  # the same recipes trained with the other `training_seeds`
+    # torch's CPU threads in every process that trains or attacks (None: torch's own count, the machine's cores).
+    # 1 and 2 threads give different bits, so fixing it makes the board's numbers independent of the machine
+    # and of the executor (a sequential run and Ray's one-thread tasks train the same weights).
+    threads: int | None = None
 
     @property
     def all_defenses(self) -> tuple[DefenseSpec, ...]:

@@ -50,6 +50,7 @@ def test_quick_benchmark_loads():
     (dict(defense="eps = -1.0"), "defenses.natural", "eps must be"),
     (dict(benchmark="rank_by = ['linf', 0.2]"), "benchmark.rank_by", "not a point"),
     (dict(benchmark="eval_examples = 0"), "benchmark.eval_examples", "positive integer"),
+    (dict(benchmark="threads = 0"), "benchmark.threads", "positive integer"),
 ])
 def test_errors_name_the_offending_key(tmp_path, kwargs, key, message):
     with pytest.raises(spec.SpecError) as info:
@@ -133,3 +134,26 @@ def test_training_seeds_make_replicas_of_trained_defenses_and_a_defense_override
                                                                          ("natural@seed4", 4, "natural")]
     assert [d.name for d in loaded.defenses] == ["natural"] and loaded.training_seed(loaded.defenses[0]) == 0
     assert spec.load(write(tmp_path)).replicas == ()
+
+
+def test_the_benchmark_fixes_torch_threads_unless_the_flag_says_otherwise(tmp_path):
+    """The thread count is part of every checkpoint key: the TOML's `threads` decides it for every executor."""
+    import argparse
+
+    import torch
+
+    from harness.__main__ import _executor
+
+    assert spec.load(write(tmp_path)).threads is None
+    loaded = spec.load(write(tmp_path, benchmark="threads = 1"))
+    assert loaded.threads == 1
+    before = torch.get_num_threads()
+    flags = dict(executor="sequential", ray_address=None, gpus_per_task=0.0, max_in_flight=None)
+    try:
+        torch.set_num_threads(2)
+        assert _executor(argparse.Namespace(threads=None, **flags), loaded) is None
+        assert torch.get_num_threads() == 1
+        _executor(argparse.Namespace(threads=2, **flags), loaded)
+        assert torch.get_num_threads() == 2
+    finally:
+        torch.set_num_threads(before)
