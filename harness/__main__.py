@@ -41,7 +41,8 @@ def _parser() -> argparse.ArgumentParser:
                                       "(default: a local instance sized to this machine)")
             command.add_argument("--threads", type=int, default=None,
                                  help="torch threads per task (and Ray CPUs per task); part of every checkpoint key "
-                                      "(default: torch's own count, 1 per Ray task)")
+                                      "(default: the benchmark's [benchmark] threads, else torch's own count, "
+                                      "1 per Ray task)")
             command.add_argument("--gpus-per-task", type=float, default=0.0,
                                  help="with --executor ray: GPUs per task, fractions share one (default 0)")
             command.add_argument("--max-in-flight", type=int, default=None,
@@ -105,6 +106,7 @@ def _scaling(args) -> int:
     from harness.store import ResultStore
 
     spec = spec_module.load(args.spec)
+    _threads(spec)
     data = load_dataset(spec.dataset, **dict(spec.dataset_options))
     database = (args.home or default_home()) / "results.sqlite"
     if not database.is_file():
@@ -156,10 +158,7 @@ def _strength(args) -> int:
                 raise ValueError(f"--case {case!r}: give DEFENSE:NORM:EPS, e.g. pgd-at:linf:0.3")
             cases.append((parts[0], Norm.parse(parts[1]), float(parts[2])))
     reuse = strength.load(args.reuse) if args.reuse is not None else []
-    if spec.threads is not None:
-        import torch
-
-        torch.set_num_threads(spec.threads)  # the checkpoint keys record it: the board's own models, not retrained
+    _threads(spec)  # the checkpoint keys record it: the board's own models, not retrained ones
     result = strength.compare_cases(spec, cases, cache_dir=(args.home or default_home()) / "checkpoints",
                                     device=resolve_device(args.device), progress=not args.no_progress, reuse=reuse)
     for comparison in result["comparisons"]:
@@ -201,6 +200,8 @@ def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]
     spec = spec_module.load(args.spec)
     data = load_dataset(spec.dataset, **dict(spec.dataset_options))
     executor = _executor(args, spec) if compute else None
+    if not compute:
+        _threads(spec)
     with ResultStore(home / "results.sqlite", lock=compute, start_over=getattr(args, "start_over", False)) as store:
         if compute:
             started = time.perf_counter()
@@ -229,19 +230,26 @@ def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]
     return paths
 
 
-def _executor(args, spec):
-    """The executor the flags ask for (None: sequential); sets torch's threads, which the checkpoint keys record:
-    --threads, else the benchmark's `threads`, else torch's own count (1 per Ray task)."""
+def _threads(spec, requested: int | None = None, *, ray: bool = False) -> int:
+    """Set torch's CPU threads for this process and return them: --threads, else the benchmark's `threads`, else
+    torch's own count (1 per Ray task). Every checkpoint key records the count, so every command that plans, trains
+    or reads a benchmark's models sets it first (else a machine with more cores would look for other checkpoints)."""
     import torch
 
+    threads = next(t for t in (requested, spec.threads, 1 if ray else torch.get_num_threads()) if t is not None)
+    if threads < 1:
+        raise ValueError(f"--threads must be >= 1, got {threads}")
+    torch.set_num_threads(threads)
+    return threads
+
+
+def _executor(args, spec):
+    """The executor the flags ask for (None: sequential), with torch's threads set (`_threads`)."""
     ray = args.executor == "ray"
     if not ray and (args.ray_address is not None or args.gpus_per_task or args.max_in_flight is not None):
         raise ValueError("--ray-address, --gpus-per-task and --max-in-flight need --executor ray")
-    threads = next(t for t in (args.threads, spec.threads, 1 if ray else torch.get_num_threads()) if t is not None)
-    if threads < 1:
-        raise ValueError(f"--threads must be >= 1, got {threads}")
+    threads = _threads(spec, args.threads, ray=ray)
     if not ray:
-        torch.set_num_threads(threads)
         return None
     from harness.distributed import RayExecutor  # which sets the driver's threads to the tasks'
 

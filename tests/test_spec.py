@@ -142,7 +142,7 @@ def test_the_benchmark_fixes_torch_threads_unless_the_flag_says_otherwise(tmp_pa
 
     import torch
 
-    from harness.__main__ import _executor
+    from harness.__main__ import _executor, _threads
 
     assert spec.load(write(tmp_path)).threads is None
     loaded = spec.load(write(tmp_path, benchmark="threads = 1"))
@@ -155,5 +155,6 @@ def test_the_benchmark_fixes_torch_threads_unless_the_flag_says_otherwise(tmp_pa
         assert torch.get_num_threads() == 1
         _executor(argparse.Namespace(threads=2, **flags), loaded)
         assert torch.get_num_threads() == 2
+        assert _threads(loaded) == 1 and torch.get_num_threads() == 1  # report, scaling, strength-per-cost
     finally:
         torch.set_num_threads(before)
