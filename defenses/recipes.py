@@ -9,7 +9,8 @@ The options compose (the one loop applies them in this order for each minibatch 
      k = round(adversarial_fraction * m) examples are replaced by `adversary` examples at a per-example
      eps (fixed, or ~ N(0, eps_sigma) truncated to [0, eps]); batches alternate with `mixed_adversary`
      (mixed Linf/L2 training), and crafting models rotate over the model itself and `ensemble_sources`
-     (Tramer et al. 2018); `loss = "trades"` uses TRADES' own KL inner maximization instead;
+     (Tramer et al. 2018); `loss = "trades"` uses TRADES' own KL inner maximization instead, and
+     `loss = "atda"` FGSM examples of every clean one with the domain-adaptation terms (Song et al. 2019);
   2. Gaussian noise augmentation: x + N(0, gaussian_noise^2), clipped to [0, 1];
   3. the loss: (sum_clean L + lambda * sum_adv L) / ((m - k) + lambda * k) with L the cross-entropy
      against label-smoothed targets y_hot - alpha * (y_hot - 1/C), plus the logit-squeezing term.
@@ -25,7 +26,7 @@ from harness.registry import ATTACKS, DEFENSES, MODELS, Choice, check_keywords
 from harness.threat import Norm
 
 OPTIMIZERS = ("adam", "sgd")
-LOSSES = ("ce", "trades")
+LOSSES = ("ce", "trades", "atda")
 
 
 class SqueezeForm(Choice):
@@ -77,6 +78,7 @@ class Recipe:
     loss: str = "ce"
     trades_beta: float = 6.0
     trades_steps: int = 10
+    atda_weight: float = 1 / 3  # lambda on ATDA's CORAL + mean-matching + margin terms
     label_smoothing: float = 0.0  # alpha
     logit_squeeze: float = 0.0  # beta
     logit_squeeze_form: SqueezeForm = SqueezeForm.BATCH_FROBENIUS
@@ -93,7 +95,7 @@ class Recipe:
         if self.model not in MODELS:
             MODELS.get(self.model)  # raises with the list of known models
         numbers = {"width": (0, False), "lr": (0, False), "weight_decay": (0, True), "eps": (0, True),
-                   "mixed_eps": (0, True), "trades_beta": (0, True), "logit_squeeze": (0, True),
+                   "mixed_eps": (0, True), "trades_beta": (0, True), "atda_weight": (0, True), "logit_squeeze": (0, True),
                    "gaussian_noise": (0, True), "activation_beta": (0, False)}
         for key, (low, inclusive) in numbers.items():
             value = getattr(self, key)
@@ -151,9 +153,11 @@ class Recipe:
             self._check_budget("mixed_eps", self.mixed_eps, mixed.norm)
         if self.loss == "trades" and (self.adversary is not None or self.eps <= 0 or self.eps > 1):
             self._fail("loss 'trades' crafts its own Linf examples: give eps in (0, 1] and no adversary")
+        if self.loss == "atda" and (self.adversary is not None or self.eps <= 0 or self.eps > 1):
+            self._fail("loss 'atda' crafts its own FGSM examples of every clean one: give eps in (0, 1] and no adversary")
         if self.ensemble_sources and self.adversary is None:
             self._fail("ensemble_sources craft adversarial examples, but no adversary is set")
-        if self.overfit_guard != "off" and self.adversary is None and self.loss != "trades":
+        if self.overfit_guard != "off" and self.adversary is None and self.loss == "ce":
             self._fail("overfit_guard watches adversarial training; this recipe has no adversary")
 
     def _check_budget(self, key: str, value: float, norm: Norm):
@@ -182,6 +186,8 @@ class Recipe:
                  f"{self.epochs} ep"]
         if self.loss == "trades":
             parts.append(f"TRADES beta {self.trades_beta:g}, {self.trades_steps} steps, eps {self.eps:g}")
+        if self.loss == "atda":
+            parts.append(f"ATDA: FGSM eps {self.eps:g} on every example, domain-adaptation weight {self.atda_weight:.3g}")
         if self.adversary:
             eps = f"eps ~ N(0, {self.eps_sigma:g}) on [0, {self.eps:g}]" if self.eps_sigma else f"eps {self.eps:g}"
             share = "" if self.adversarial_fraction == 1 else f", k/m {self.adversarial_fraction:g}, lambda {self.adversarial_weight:g}"
@@ -250,6 +256,9 @@ _preset("half-normal-fgsm-at", "Label-leaking blog post: half of each batch FGSM
 _preset("ensemble-at", "Ensemble adversarial training (Tramer et al. 2018): half of each batch FGSM, crafted in turn on "
         "the model itself and on fixed pre-trained `ensemble_sources`.",
         adversary="fgsm", adversarial_fraction=0.5, eps=0.3)
+_preset("atda", "Adversarial training with domain adaptation (Song et al., ICLR 2019, Sec. 3): cross-entropy on every "
+        "clean example and its FGSM example, plus 1/3 x (CORAL + mean matching of the clean and adversarial logits + "
+        "the margin term on class centers in logit space). eps 0.3 on MNIST.", loss="atda", eps=0.3)
 _preset("gaussian-noise", "Gaussian noise augmentation alone, sigma 0.5 (Shafahi et al.).", gaussian_noise=0.5)
 _preset("label-smoothing", "Label smoothing alone, alpha 0.5 (Shafahi et al.).", label_smoothing=0.5)
 # The paper adds beta * ||Z||_F to Madry et al.'s MNIST loss, which sums the cross-entropy over the minibatch;

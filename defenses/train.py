@@ -146,6 +146,38 @@ def trades_kl(logits_clean: torch.Tensor, logits_adversarial: torch.Tensor) -> t
     return F.kl_div(F.log_softmax(logits_adversarial, dim=1), F.softmax(logits_clean, dim=1), reduction="batchmean")
 
 
+# ATDA (Song et al., "Improving the Generalization of Adversarial Training with Domain Adaptation", ICLR 2019, Sec. 3),
+# with the constants of the authors' code: lambda 1/3 on the three terms (Recipe.atda_weight), centers moving at 0.1.
+ATDA_CENTER_RATE = 0.1
+
+
+def atda_alignment(logits_clean: torch.Tensor, logits_adversarial: torch.Tensor) -> torch.Tensor:
+    """ATDA's unsupervised domain adaptation (Sec. 3.2) between the clean and the adversarial logits: CORAL, the mean
+    absolute difference of their k x k second-moment matrices about the mean (the authors' code leaves out 1/(n-1)),
+    plus mean matching, the mean absolute difference of their mean logit vectors."""
+    def scatter(z: torch.Tensor) -> torch.Tensor:
+        centred = z - z.mean(0, keepdim=True)
+        return centred.T @ centred
+
+    coral = (scatter(logits_clean) - scatter(logits_adversarial)).abs().mean()
+    return coral + (logits_clean.mean(0) - logits_adversarial.mean(0)).abs().mean()
+
+
+def atda_margin(logits: torch.Tensor, y: torch.Tensor, centers: torch.Tensor) -> torch.Tensor:
+    """ATDA's supervised domain adaptation (Sec. 3.3): softplus(|z - c_y|_1 - |z - c_n|_1) averaged over every example
+    and every class n other than its own, with c the class centers in logit space."""
+    distances = (logits[:, None, :] - centers[None]).abs().sum(2)
+    others = F.one_hot(y, centers.shape[0]) == 0
+    return F.softplus(distances.gather(1, y[:, None]) - distances)[others].mean()
+
+
+def move_centers(centers: torch.Tensor, logits: torch.Tensor, y: torch.Tensor, rate: float = ATDA_CENTER_RATE) -> None:
+    """The center update of ATDA (Sec. 3.3, center-loss style), in place: c_j -= rate * sum_{y_i = j} (c_j - z_i) / (1 + n_j)."""
+    counts = torch.bincount(y, minlength=centers.shape[0]).to(centers.dtype)[:, None]
+    sums = torch.zeros_like(centers).index_add_(0, y, logits.detach().to(centers.dtype))
+    centers -= rate * (counts * centers - sums) / (1 + counts)
+
+
 def trades_adversary(model: nn.Module, x: torch.Tensor, *, eps: float, steps: int, generator: torch.Generator) -> torch.Tensor:
     """TRADES' inner maximization: signed ascent on KL(f(x) || f(x')) in the Linf ball, from x + 0.001 N(0, I)."""
     was_training = model.training
@@ -200,6 +232,8 @@ def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | st
     counted = EvaluationCounter(model)
     crafting = [counted] + [EvaluationCounter(sources[name].to(device).eval()) for name in recipe.ensemble_sources]
     adversaries = [ATTACKS.get(recipe.adversary)(**dict(recipe.adversary_options))] if recipe.adversary else []
+    if recipe.loss == "atda":
+        atda_fgsm, centers = ATTACKS.get("fgsm")(), torch.zeros(data.num_classes, data.num_classes, device=device)
     if recipe.mixed_adversary:
         adversaries.append(ATTACKS.get(recipe.mixed_adversary)())
     if recipe.optimizer == "adam":
@@ -256,6 +290,13 @@ def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | st
                 x_adv = trades_adversary(counted, x, eps=eps, steps=recipe.trades_steps, generator=draws)
                 adversarial_logits, adversarial_labels = counted(x_adv), y
                 loss = loss + recipe.trades_beta * trades_kl(logits, adversarial_logits)
+            if recipe.loss == "atda" and eps > 0 and step >= recipe.delay_steps:
+                x_adv = atda_fgsm(counted, x, y, eps=draw_eps(recipe, eps, m, draws), generator=draws)
+                adversarial_logits, adversarial_labels = counted(x_adv), y
+                both, labels = torch.cat([logits, adversarial_logits]), torch.cat([y, y])
+                loss = loss + recipe_loss(recipe, adversarial_logits, y, 0) + recipe.atda_weight * (
+                    atda_alignment(logits, adversarial_logits) + atda_margin(both, labels, centers))
+                move_centers(centers, both, labels)
             loss.backward()
             optimizer.step()
             step += 1

@@ -49,7 +49,7 @@ def spy(monkeypatch):
 def test_every_named_recipe_is_registered_and_valid():
     expected = {"natural", "pgd-at", "pgd-at-l2", "mixed-norm-at", "trades", "fgsm-at", "step-ll-at", "step-rnd-at",
                 "half-normal-fgsm-at", "ensemble-at", "gaussian-noise", "label-smoothing", "logit-squeezing",
-                "ls-gn", "lsq-gn"}
+                "ls-gn", "lsq-gn", "atda"}
     assert expected <= set(DEFENSES)
     for name in DEFENSES:
         assert build_recipe(name).name == name
@@ -134,6 +134,45 @@ def test_trades_trains_and_records_adversarial_accuracy(micro):
     # training pass, the inner maximization's clean reference (eval mode, as TRADES does), 2 ascent steps,
     # and the adversarial pass of the KL term
     assert log.forward_passes == 64 * (1 + 1 + 2 + 1)
+
+
+def test_atda_terms_against_a_hand_computation():
+    """Song et al. 2019, Sec. 3: numbers worked out by hand on two examples and two classes."""
+    clean, adversarial = torch.tensor([[1.0, 0.0], [3.0, 2.0]]), torch.zeros(2, 2)
+    # clean logits about their mean (2, 1): (-1, -1), (1, 1) -> second moments [[2, 2], [2, 2]]; the adversarial
+    # ones are all zero: CORAL = mean |2| = 2; mean matching = mean(|2 - 0|, |1 - 0|) = 1.5
+    assert float(training.atda_alignment(clean, adversarial)) == pytest.approx(3.5)
+    centers = torch.tensor([[1.0, 0.0], [0.0, 1.0]])
+    # z = (1, 0) of class 0: |z - c_0|_1 = 0, |z - c_1|_1 = 2; one other class: softplus(0 - 2) = log(1 + e^-2)
+    assert float(training.atda_margin(torch.tensor([[1.0, 0.0]]), torch.tensor([0]), centers)) == pytest.approx(
+        math.log1p(math.exp(-2)))
+    # two examples of class 0 at (2, 0) and (4, 0), centers at 0: c_0 -= 0.1 * (2 * 0 - (6, 0)) / (1 + 2) = (0.2, 0)
+    moved = torch.zeros(2, 2)
+    training.move_centers(moved, torch.tensor([[2.0, 0.0], [4.0, 0.0]]), torch.tensor([0, 0]))
+    assert torch.allclose(moved, torch.tensor([[0.2, 0.0], [0.0, 0.0]]))
+
+
+def test_atda_trains_on_every_clean_example_and_its_fgsm_example(micro):
+    _, log = train(build_recipe("atda", epochs=1, batch_size=32), micro, seed=0, progress=False)
+    assert log.epochs[0]["adversary_accuracy"] is not None and math.isfinite(log.epochs[0]["loss"])
+    # forward: the clean pass, FGSM's, the adversarial pass; backward: FGSM's, and the step's through both passes
+    assert log.forward_passes == 64 * 3 and log.backward_passes == 64 * 3
+
+
+def test_atda_loss_is_cross_entropy_on_both_plus_the_weighted_terms(micro):
+    """The loss of the loop's first step, recomputed outside it: CE(clean) + CE(FGSM) + lambda * (CORAL + mean
+    matching + margin), the margin against centers that start at zero (every term of it is then softplus(0))."""
+    recipe = build_recipe("atda", epochs=1, batch_size=16, atda_weight=0.5)
+    one_batch = Dataset("one", micro.x_train[:16], micro.y_train[:16], micro.x_test, micro.y_test, 10)
+    _, log = train(recipe, one_batch, seed=0, progress=False)
+    torch.manual_seed(0)
+    model = training.build_recipe_model(recipe, one_batch).train()
+    x, y = one_batch.x_train, one_batch.y_train
+    x_adv = ATTACKS.get("fgsm")()(model, x, y, eps=torch.full((16,), 0.3), generator=torch.Generator())
+    clean, adversarial = model(x), model(x_adv)
+    expected = (F.cross_entropy(clean, y) + F.cross_entropy(adversarial, y)
+                + 0.5 * (training.atda_alignment(clean, adversarial) + math.log(2)))
+    assert log.epochs[0]["loss"] == pytest.approx(float(expected), rel=1e-4)
 
 
 def test_ensemble_sources_craft_in_turn(micro, spy, natural_model):
@@ -237,6 +276,10 @@ def test_bad_kurakin_recipes_fail_with_the_option_named(overrides, message):
 def test_trades_and_guard_preconditions():
     with pytest.raises(ValueError, match="trades"):
         build_recipe("trades", adversary="fgsm")
+    with pytest.raises(ValueError, match="loss 'atda' crafts its own FGSM examples"):
+        build_recipe("atda", adversary="fgsm")
+    with pytest.raises(ValueError, match="atda_weight must be a finite number >= 0"):
+        build_recipe("atda", atda_weight=-1)
     with pytest.raises(ValueError, match="overfit_guard watches adversarial training"):
         build_recipe("natural", overfit_guard="stop")
     with pytest.raises(ValueError, match="ensemble_sources craft"):
