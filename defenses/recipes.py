@@ -151,10 +151,9 @@ class Recipe:
                 self._fail(f"mixed_adversary {self.mixed_adversary!r} takes one eps per batch; training needs one of "
                            "our own attacks (per-example eps)")
             self._check_budget("mixed_eps", self.mixed_eps, mixed.norm)
-        if self.loss == "trades" and (self.adversary is not None or self.eps <= 0 or self.eps > 1):
-            self._fail("loss 'trades' crafts its own Linf examples: give eps in (0, 1] and no adversary")
-        if self.loss == "atda" and (self.adversary is not None or self.eps <= 0 or self.eps > 1):
-            self._fail("loss 'atda' crafts its own FGSM examples of every clean one: give eps in (0, 1] and no adversary")
+        crafted = {"trades": "Linf examples", "atda": "FGSM examples of every clean one"}.get(self.loss)
+        if crafted and (self.adversary is not None or self.eps <= 0 or self.eps > 1):
+            self._fail(f"loss {self.loss!r} crafts its own {crafted}: give eps in (0, 1] and no adversary")
         if self.ensemble_sources and self.adversary is None:
             self._fail("ensemble_sources craft adversarial examples, but no adversary is set")
         if self.overfit_guard != "off" and self.adversary is None and self.loss == "ce":
