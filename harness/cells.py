@@ -12,6 +12,7 @@ from harness.spec import AttackSpec, BenchmarkSpec
 CLEAN = "clean"
 LABEL_LEAK = "label-leak"  # the `check` of the label-leak board's probe cells (not a sanity check's)
 PERTURBATION_PROBE, ROBUST_FEATURES = "perturbation-probe", "robust-features"  # their request names
+FINDINGS, DEAD_UNITS = "findings", "dead-units"  # the findings board's probe cells: their `check` and request name
 
 
 @dataclass(frozen=True)

@@ -2,7 +2,7 @@
 decides its outcome, in cascade order (the chain's order is in `matrix`'s docstring)."""
 from __future__ import annotations
 
-from harness.cells import LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell, _cell
+from harness.cells import DEAD_UNITS, FINDINGS, LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell, _cell
 from harness.check_types import AttackRequest, ProbeRequest
 from harness.data import Dataset
 from harness.preparation import defense_keys
@@ -72,6 +72,10 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
         if spec.perturbation_probe:  # on every evaluation example, 5-fold cross-validated
             probe = ProbeRequest(PERTURBATION_PROBE, "perturbation-labels", (("folds", 5),), spec.eval_examples)
             cells.append(_cell(spec, data, defense.name, model_key, None, 0.0, probe=probe, check=LABEL_LEAK,
+                               request=probe.name))
+        if spec.dead_units:  # the findings board's penultimate units, summed over every evaluation example
+            probe = ProbeRequest(DEAD_UNITS, "penultimate-units", (), spec.eval_examples)
+            cells.append(_cell(spec, data, defense.name, model_key, None, 0.0, probe=probe, check=FINDINGS,
                                request=probe.name))
         options = dict(spec.robust_features)
         if options.pop("source", None) == defense.name:  # D_rand / D_det crafted on this model, tested on every example

@@ -197,6 +197,14 @@ def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ..
     return AttackSpec(label, attack_id, tuple(sorted(options.items())), norm, eps, source)
 
 
+def _load_findings(path, table) -> bool:
+    """[findings] dead_units = true|false: the findings board, and whether it measures dead penultimate units."""
+    _check_keys(path, "findings", table, {"dead_units"})
+    if not isinstance(table.get("dead_units", False), bool):
+        _fail(path, "findings.dead_units", f"must be true or false, got {table['dead_units']!r}")
+    return table.get("dead_units", False)
+
+
 def _load_label_leak(path, table: dict, attacks: tuple[AttackSpec, ...]) -> tuple[tuple[str, str], ...]:
     """[label_leak] pairs = [["<true-label column>", "<label-free twin column>"], ...]"""
     _check_keys(path, "label_leak", table, {"pairs", "perturbation_probe", "robust_features"})
@@ -280,7 +288,7 @@ def load(path: str | Path) -> BenchmarkSpec:
         raise SpecError(f"{path}: no such benchmark file") from None
     except tomllib.TOMLDecodeError as error:
         raise SpecError(f"{path}: not valid TOML: {error}") from None
-    _check_keys(path, "top level", raw, {"benchmark", "eps", "defenses", "attacks", "label_leak", "checks"},
+    _check_keys(path, "top level", raw, {"benchmark", "eps", "defenses", "attacks", "label_leak", "checks", "findings"},
                 required={"benchmark", "eps", "defenses", "attacks"})
     bench = raw["benchmark"]
     _check_keys(path, "benchmark", bench, BENCHMARK_KEYS, required={"dataset"})
@@ -333,6 +341,7 @@ def load(path: str | Path) -> BenchmarkSpec:
     perturbation_probe = raw.get("label_leak", {}).get("perturbation_probe", False)
     robust_features = raw.get("label_leak", {}).get("robust_features")
     robust_features = () if robust_features is None else _load_robust_features(path, robust_features, defenses)
+    findings = _load_findings(path, raw["findings"]) if "findings" in raw else None
     eval_examples = _positive_int(path, "benchmark.eval_examples", bench.get("eval_examples", 1000))
     cascade = bench.get("cascade", False)
     if not isinstance(cascade, bool):
@@ -342,7 +351,7 @@ def load(path: str | Path) -> BenchmarkSpec:
 
     return BenchmarkSpec(
         label_leak_pairs=label_leak_pairs, checks=checks, cascade=cascade, perturbation_probe=perturbation_probe,
-        robust_features=robust_features,
+        robust_features=robust_features, findings=findings is not None, dead_units=bool(findings),
         name=bench.get("name", path.stem), path=path, dataset=dataset,
         dataset_options=tuple(sorted(dataset_options.items())), seed=seed,
         eval_examples=eval_examples,

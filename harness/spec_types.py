@@ -84,6 +84,8 @@ class BenchmarkSpec:
     cascade: bool = False  # attack columns run on the examples still robust (harness.matrix's docstring)
     perturbation_probe: bool = False  # [label_leak] perturbation_probe: linear probes on sign-gradient perturbations
     robust_features: tuple[tuple[str, object], ...] = ()  # [label_leak] robust_features: source defense and options
+    findings: bool = False  # [findings]: the findings board (each source paper's claim beside our measurement)
+    dead_units: bool = False  # [findings] dead_units: penultimate units never active, per defense (a probe cell)
     eot_samples: int = 8  # forward passes attacks average on a model whose outputs are randomized (EOT)
     replicas: tuple[DefenseSpec, ...] = ()  # the same recipes trained with the other `training_seeds`
     # torch's CPU threads in every process that trains or attacks (None: torch's own count, the machine's cores).

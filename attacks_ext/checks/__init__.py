@@ -29,3 +29,4 @@ from attacks_ext.checks.gradient_free import GradientFreeVsWhiteBox  # noqa: F40
 from attacks_ext.checks.transfer import TransferVsWhiteBox  # noqa: F401
 from attacks_ext.checks.reference_attack import ReferenceAttack  # noqa: F401
 from attacks_ext.checks.attack_convergence import AttackConvergence  # noqa: F401
+from attacks_ext import feature_units  # noqa: F401  (the findings board's dead-unit probe)

@@ -12,7 +12,7 @@ import numpy as np
 import pandas as pd
 
 from harness.data import Dataset
-from harness.cells import LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell
+from harness.cells import DEAD_UNITS, FINDINGS, LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell
 from harness.planning import plan
 from harness.provenance import library_versions
 from harness.spec import BenchmarkSpec
@@ -49,6 +49,7 @@ class Leaderboard:
     vectors: dict[str, dict[str, np.ndarray]]  # defense -> summary column (Clean, Worst ...) -> per-example outcomes
     seeds: dict[str, list[tuple[int, np.ndarray | None, np.ndarray | None]]]  # defense -> (seed, clean, worst at rank-by)
     robust_features: CellRecord | None = None  # the D_rand / D_det cell (label-leak board), when the spec asks
+    dead_units: dict[str, CellRecord | None] | None = None  # defense -> its penultimate-units cell (findings board)
 
 
 def sanity_file(spec: BenchmarkSpec) -> str:
@@ -154,9 +155,9 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     for cell in all_cells:
         if cell.check in checks and cell.key in records:
             sanity_cells.setdefault(cell.defense, {})[cell.key] = records[cell.key]
-    leak_cells: dict[str, list[Cell]] = {}  # defense -> its label-leak board cells (probes, D_rand / D_det)
+    leak_cells: dict[str, list[Cell]] = {}  # defense -> its label-leak and findings boards' cells (probes, D_rand / D_det)
     for cell in all_cells:
-        if cell.check == LABEL_LEAK:
+        if cell.check in (LABEL_LEAK, FINDINGS):
             leak_cells.setdefault(cell.defense, []).append(cell)
     probes = {cell.defense: cell for cells in leak_cells.values() for cell in cells if cell.request == PERTURBATION_PROBE}
     robust_cell = next((cell for cells in leak_cells.values() for cell in cells if cell.request == ROBUST_FEATURES), None)
@@ -233,9 +234,11 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     versions = all_records[0].versions if all_records else library_versions()
     outcomes = {(c.defense, c.label, c.eps): records.get(c.key) for c in cells}
     perturbation = {name: records.get(cell.key) for name, cell in probes.items()}
+    dead_units = {cell.defense: records.get(cell.key) for cells in leak_cells.values() for cell in cells
+                  if cell.request == DEAD_UNITS}
     return Leaderboard(spec, summary, details, curves, costs, trainings, outcomes, missing, commits, versions,
                        checks, evidence, verdicts, perturbation, vectors, seeds,
-                       None if robust_cell is None else records.get(robust_cell.key))
+                       None if robust_cell is None else records.get(robust_cell.key), dead_units)
 
 
 def _clean_and_worst(pairs: list[tuple[Cell, CellRecord | None]], rank_by) -> tuple[np.ndarray | None, np.ndarray | None]:

@@ -1,5 +1,5 @@
 """Every board of a benchmark written at once: the leaderboard with its figures, the sanity board when the spec
-has checks, and the label-leak board when it pairs twins."""
+has checks, the label-leak board when it pairs twins, and the findings board when it has [findings]."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -8,6 +8,7 @@ from harness.data import Dataset
 from harness.provenance import code_commit
 from harness.reports.aggregate import build, sanity_file
 from harness.reports.leaderboard import render_markdown
+from harness.reports.findings import render_findings
 from harness.reports.figures import figure_name, render_figure, render_training_figure, training_figure_name
 from harness.reports.label_leak import (label_leak_frame, perturbation_probe_frame, render_label_leak_figure,
                                        render_label_leak_markdown, robust_features_section)
@@ -52,4 +53,8 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
             spec, frame, command=command, figure=leak_figure.as_posix(), commit=", ".join(board.commits) or code_commit(),
             probe=perturbation_probe_frame(board) if spec.perturbation_probe else None,
             robust_features=robust_features_section(spec, board.robust_features)), board.versions))
+    if spec.findings:
+        findings_path = out_dir / ("findings.md" if spec.name == "mnist-quick" else f"{spec.name}-findings.md")
+        paths.append(_write_board(findings_path, lambda: render_findings(
+            board, out_dir, command=command, commit=", ".join(board.commits) or code_commit()), board.versions))
     return paths

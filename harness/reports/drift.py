@@ -7,7 +7,7 @@ import re
 from pathlib import Path
 
 NUMBERS_IN_TEXT = re.compile(r"-?\d+(?:\.\d+)?(?:e[-+]?\d+)?")
-KEY_HEADERS = {"Defense", "Twins", "eps", "Check", "Column", "Gradient", "Data set"}  # leading columns that name a row
+KEY_HEADERS = {"Defense", "Twins", "eps", "Check", "Column", "Gradient", "Data set", "Claim"}  # leading columns that name a row
 
 
 def _same_text(committed: str, fresh: str, tolerance: float) -> bool:
