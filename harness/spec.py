@@ -341,7 +341,7 @@ def load(path: str | Path) -> BenchmarkSpec:
     perturbation_probe = raw.get("label_leak", {}).get("perturbation_probe", False)
     robust_features = raw.get("label_leak", {}).get("robust_features")
     robust_features = () if robust_features is None else _load_robust_features(path, robust_features, defenses)
-    findings = _load_findings(path, raw["findings"]) if "findings" in raw else None
+    dead_units = _load_findings(path, raw["findings"]) if "findings" in raw else False
     eval_examples = _positive_int(path, "benchmark.eval_examples", bench.get("eval_examples", 1000))
     cascade = bench.get("cascade", False)
     if not isinstance(cascade, bool):
@@ -351,7 +351,7 @@ def load(path: str | Path) -> BenchmarkSpec:
 
     return BenchmarkSpec(
         label_leak_pairs=label_leak_pairs, checks=checks, cascade=cascade, perturbation_probe=perturbation_probe,
-        robust_features=robust_features, findings=findings is not None, dead_units=bool(findings),
+        robust_features=robust_features, findings="findings" in raw, dead_units=dead_units,
         name=bench.get("name", path.stem), path=path, dataset=dataset,
         dataset_options=tuple(sorted(dataset_options.items())), seed=seed,
         eval_examples=eval_examples,

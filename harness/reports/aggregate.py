@@ -155,12 +155,12 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     for cell in all_cells:
         if cell.check in checks and cell.key in records:
             sanity_cells.setdefault(cell.defense, {})[cell.key] = records[cell.key]
-    leak_cells: dict[str, list[Cell]] = {}  # defense -> its label-leak and findings boards' cells (probes, D_rand / D_det)
+    extra_cells: dict[str, list[Cell]] = {}  # defense -> its label-leak and findings boards' cells (probes, D_rand / D_det)
     for cell in all_cells:
         if cell.check in (LABEL_LEAK, FINDINGS):
-            leak_cells.setdefault(cell.defense, []).append(cell)
-    probes = {cell.defense: cell for cells in leak_cells.values() for cell in cells if cell.request == PERTURBATION_PROBE}
-    robust_cell = next((cell for cells in leak_cells.values() for cell in cells if cell.request == ROBUST_FEATURES), None)
+            extra_cells.setdefault(cell.defense, []).append(cell)
+    probes = {cell.defense: cell for cells in extra_cells.values() for cell in cells if cell.request == PERTURBATION_PROBE}
+    robust_cell = next((cell for cells in extra_cells.values() for cell in cells if cell.request == ROBUST_FEATURES), None)
 
     summary_rows, detail_rows, costs_rows, curves = [], {norm: [] for norm, _ in spec.eps}, [], {}
     vectors: dict[str, dict[str, np.ndarray]] = {}
@@ -197,7 +197,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
         summary_rows.append(summary)
         for norm in detail_rows:
             detail_rows[norm].append(details[norm])
-        own = pairs + [(cell, records.get(cell.key)) for cell in leak_cells.get(defense.name, [])]
+        own = pairs + [(cell, records.get(cell.key)) for cell in extra_cells.get(defense.name, [])]
         present = [r for _, r in own if r is not None]  # the matrix and the label-leak board's cells
         checked = sanity_cells.get(defense.name, {}).values()
         matrix_naive = [naive.get(c.key) for c, r in own if r is not None]
@@ -234,7 +234,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     versions = all_records[0].versions if all_records else library_versions()
     outcomes = {(c.defense, c.label, c.eps): records.get(c.key) for c in cells}
     perturbation = {name: records.get(cell.key) for name, cell in probes.items()}
-    dead_units = {cell.defense: records.get(cell.key) for cells in leak_cells.values() for cell in cells
+    dead_units = {cell.defense: records.get(cell.key) for cells in extra_cells.values() for cell in cells
                   if cell.request == DEAD_UNITS}
     return Leaderboard(spec, summary, details, curves, costs, trainings, outcomes, missing, commits, versions,
                        checks, evidence, verdicts, perturbation, vectors, seeds,

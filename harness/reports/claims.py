@@ -23,6 +23,8 @@ NOT_MEASURED, NOT_RUN = "not measured here", "missing"  # a benchmark that lacks
 
 @dataclass(frozen=True)
 class Finding:
+    """One row of the findings board."""
+
     claim: str
     source: str
     paper: str  # the paper's setting and number
@@ -44,8 +46,10 @@ def kind(defense: DefenseSpec) -> str:
     if r.loss == "trades":
         return "trades"
     if r.adversary is None:
-        regularized = "ls" if r.label_smoothing else "lsq" if r.logit_squeeze else ""
-        return (f"{regularized}-gn" if regularized else "gn") if r.gaussian_noise else regularized or "natural"
+        regularizer = "ls" if r.label_smoothing else "lsq" if r.logit_squeeze else None
+        if r.gaussian_noise:
+            return "gn" if regularizer is None else f"{regularizer}-gn"
+        return regularizer or "natural"
     info = ATTACKS.info(r.adversary)
     return "one-step" if info["family"] is Family.ONE_STEP else f"pgd-{info['norm'].value}"
 
