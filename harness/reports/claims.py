@@ -136,8 +136,8 @@ def _probe_rows(board: Leaderboard) -> dict[str, list[dict]] | None:
 
 def perturbation_carries_label(board: Leaderboard, gradient: str = "true") -> Finding:
     open_question = gradient != "true"
-    claim = ("The least-likely-class gradient carries the label too (open question)" if open_question else
-             "The sign-gradient perturbation alone predicts the true label")
+    claim = ("The least-likely-class gradient carries the label too (the post's open question, as a claim)"
+             if open_question else "The sign-gradient perturbation alone predicts the true label")
     source = "blog (000), perturbation probe"
     paper = ("asked, not measured" if open_question else
              "MNIST, 3-layer MLP: a linear model on clip(sign(g) + 1, 0, 1) reaches ~96% (the post says 'validation error')")
