@@ -75,6 +75,12 @@ def _column(board: Leaderboard, name: str, family: Family, norm: Norm, eps: floa
     return None
 
 
+def _model(board: Leaderboard, name: str) -> str:
+    """The architecture a defense of the board trains (e.g. small-cnn), or 'external'."""
+    recipe = next(d.recipe for d in board.spec.defenses if d.name == name)
+    return "external" if recipe is None else recipe.model
+
+
 def _pct(vector: np.ndarray) -> float:
     return 100 * float(np.mean(vector))
 

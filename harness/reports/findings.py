@@ -17,7 +17,7 @@ from harness.figures import pyplot, save_figure
 from harness.registry import Family
 from harness.reports.aggregate import Leaderboard
 from harness.reports.claims import (NOT_MEASURED, NOT_REPRODUCED, NOT_RUN, PARTLY, REPRODUCED, Finding, _checked,
-                                    _column, _grade, _names, _pct, _worst, kind, linf_training_fails_at_l2, label_leaking,
+                                    _column, _grade, _model, _names, _pct, _worst, kind, linf_training_fails_at_l2, label_leaking,
                                     leak_bound, not_measured, one_step_training_fails_iterative,
                                     perturbation_carries_label, second_order_beats_pgd, targeted_one_step_trains_best)
 from harness.reports.markdown import markdown_table
@@ -45,7 +45,7 @@ def ls_gn_near_adversarial_training(board: Leaderboard) -> Finding:
         return Finding(claim, source, paper, "cells missing from the store", NOT_RUN, rule)
     label, base = reference
     parts = [f"{n} {_pct(columns[n][1]):.1f}% (worst {_pct(worst[n]):.1f}%)" for n in regularized]
-    ours = (f"small CNN, {label} at L∞ {eps:g}: " + ", ".join(parts) +
+    ours = (f"{_model(board, trained[0])}, {label} at L∞ {eps:g}: " + ", ".join(parts) +
             f"; {trained[0]} {_pct(base):.1f}% (worst {_pct(worst[trained[0]]):.1f}%)")
     iterative = all(_pct(columns[n][1]) >= 0.75 * _pct(base) for n in regularized)
     strongest = all(_pct(worst[n]) >= 0.75 * _pct(worst[trained[0]]) for n in regularized)
@@ -141,7 +141,7 @@ def units_deactivated(board: Leaderboard) -> Finding:
     if not natural or any(n not in rows for n in wanted):
         return Finding(claim, source, paper, "probe cells missing from the store" if natural else "no natural defense",
                        NOT_RUN if natural else NOT_MEASURED, rule)
-    ours = f"small CNN, {rows[natural[0]]['Units']} feature units: " + ", ".join(
+    ours = f"{_model(board, natural[0])}, {rows[natural[0]]['Units']} feature units: " + ", ".join(
         f"{n} {rows[n]['Dead']} dead" for n in wanted)
     clean_natural = rows[natural[0]]["Dead %"] <= 1
     held = sum(rows[n]["Dead %"] >= 10 for n in wanted[1:])
