@@ -51,7 +51,7 @@ class GradientNormTrace(Check):
             out.append(ProbeRequest(f"trace {norm.value}", "gradient-trace", options, self.examples))
         return tuple(out)
 
-    def _traces(self, evidence):
+    def traces(self, evidence):
         """(norm, eps, measurements) of every trace probe in the store, L-inf first."""
         out = []
         for request, probe in zip(self.requests(evidence.context), self.records(evidence)):
@@ -61,7 +61,7 @@ class GradientNormTrace(Check):
         return sorted(out, key=lambda t: t[0] is not Norm.LINF)
 
     def evaluate(self, evidence):
-        traces = self._traces(evidence)
+        traces = self.traces(evidence)
         if len(traces) < len(self._norms(evidence.context)):
             return _missing(self.id, "gradient-trace probe")
         details, parts, gaps = {}, [], []
@@ -82,7 +82,7 @@ class GradientNormTrace(Check):
 
     def plot(self, evidences, path):
         plt = pyplot()
-        traced = {name: self._traces(evidence) for name, evidence in evidences.items()}
+        traced = {name: self.traces(evidence) for name, evidence in evidences.items()}
         panels = sorted({(norm, eps) for traces in traced.values() for norm, eps, _ in traces},
                         key=lambda p: p[0] is not Norm.LINF)
         if not panels:

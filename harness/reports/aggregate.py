@@ -52,8 +52,13 @@ class Leaderboard:
     dead_units: dict[str, CellRecord | None] | None = None  # defense -> its penultimate-units cell (findings board)
 
 
+def board_file(spec: BenchmarkSpec, board: str) -> str:
+    """A secondary board's file: `<board>.md` for the default benchmark, `<name>-<board>.md` for any other."""
+    return f"{board}.md" if spec.name == "mnist-quick" else f"{spec.name}-{board}.md"
+
+
 def sanity_file(spec: BenchmarkSpec) -> str:
-    return "sanity.md" if spec.name == "mnist-quick" else f"{spec.name}-sanity.md"
+    return board_file(spec, "sanity")
 
 
 def defense_anchor(name: str) -> str:

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from harness.data import Dataset
 from harness.provenance import code_commit
-from harness.reports.aggregate import build, sanity_file
+from harness.reports.aggregate import board_file, build, sanity_file
 from harness.reports.leaderboard import render_markdown
 from harness.reports.findings import render_findings
 from harness.reports.figures import figure_name, render_figure, render_training_figure, training_figure_name
@@ -31,6 +31,7 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
     """Render `<out_dir>/<name>.md` with its figures, and the label-leak board when the spec pairs twins, each
     with its `.json` of raw table values; returns the markdown paths."""
     board = build(spec, store, data)
+    commit = ", ".join(board.commits) or code_commit()  # the commits the stored cells were computed at
     figure = Path("figures") / figure_name(spec)
     render_figure(board, out_dir / figure)
     training_figure = Path("figures") / training_figure_name(spec)
@@ -48,13 +49,12 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
         frame = label_leak_frame(board)
         leak_figure = Path("figures") / f"{spec.name}-label-leaking.png"
         render_label_leak_figure(spec, frame, out_dir / leak_figure)
-        leak_path = out_dir / ("label-leaking.md" if spec.name == "mnist-quick" else f"{spec.name}-label-leaking.md")
+        leak_path = out_dir / board_file(spec, "label-leaking")
         paths.append(_write_board(leak_path, lambda: render_label_leak_markdown(
-            spec, frame, command=command, figure=leak_figure.as_posix(), commit=", ".join(board.commits) or code_commit(),
+            spec, frame, command=command, figure=leak_figure.as_posix(), commit=commit,
             probe=perturbation_probe_frame(board) if spec.perturbation_probe else None,
             robust_features=robust_features_section(spec, board.robust_features)), board.versions))
     if spec.findings:
-        findings_path = out_dir / ("findings.md" if spec.name == "mnist-quick" else f"{spec.name}-findings.md")
-        paths.append(_write_board(findings_path, lambda: render_findings(
-            board, out_dir, command=command, commit=", ".join(board.commits) or code_commit()), board.versions))
+        paths.append(_write_board(out_dir / board_file(spec, "findings"), lambda: render_findings(
+            board, out_dir, command=command, commit=commit), board.versions))
     return paths

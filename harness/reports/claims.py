@@ -229,7 +229,7 @@ def second_order_beats_pgd(board: Leaderboard) -> Finding:
                        NOT_MEASURED, rule)
     parts, held = [], 0
     for name, norm in pairs:
-        traces = {n: m for n, _, m in check._traces(board.evidence["gradient-norm-trace"][name])}
+        traces = {n: m for n, _, m in check.traces(board.evidence["gradient-norm-trace"][name])}
         if norm not in traces:
             return Finding(claim, source, paper, f"{name}'s {norm.symbol} trace is missing from the store", NOT_RUN, rule)
         pgd, so = (np.asarray(traces[norm][k], bool) for k in ("pgd_correct", "so_correct"))

@@ -159,10 +159,12 @@ def robust_feature_leakage(board: Leaderboard) -> Finding:
     if not board.spec.robust_features or record is None:
         return Finding(claim, source, paper, "no robust-features cell" if not board.spec.robust_features else
                        "the cell is missing from the store", NOT_MEASURED if not board.spec.robust_features else NOT_RUN, rule)
-    rows = robust_feature_rows(record.measurements)
-    n = len(record.measurements["true_label"])
-    above = [stats.binomtest(round(r["Robust linear features → clean test (%)"] * n / 100), n, r["Chance"] / 100,
-                             alternative="greater").pvalue < ALPHA for r in rows]
+    m = record.measurements
+    rows = robust_feature_rows(m)
+    true = np.asarray(m["true_label"])
+    n = len(true)
+    above = [stats.binomtest(int((m[f"{name}_robust_linear_predictions"] == true).sum()), n, row["Chance"] / 100,
+                             alternative="greater").pvalue < ALPHA for name, row in zip(("rand", "det"), rows)]
     ours = "; ".join(f"{r['Data set'].split(' ')[0]}: bound {r['Robust linear features → clean test (%)']:.1f}% "
                      f"(network {r['Network → clean test (%)']:.1f}%, chance {r['Chance']:.1f}%)" for r in rows)
     return Finding(claim, source, paper, f"MNIST, {n} test digits: " + ours,
