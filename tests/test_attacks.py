@@ -110,7 +110,7 @@ def test_model_mode_and_gradients_restored(attack, natural_model, batch):
 
 
 def test_robust_accuracy_at_most_clean(attack, natural_model, mnist):
-    x, y = mnist.x_test[:200], mnist.y_test[:200]
+    x, y = mnist.x_test[:100], mnist.y_test[:100]
     x_adv = attack(natural_model, x, y, eps=EPS[attack.norm], generator=generator())
     with torch.no_grad():
         clean = natural_model(x).argmax(1) == y

@@ -55,7 +55,7 @@ def test_every_recipe_trains_one_epoch(recipe_id, digits):
 def _generic_options(check) -> dict:
     """Options that make any check cheap on the tiny benchmark below: fewer examples where it takes some."""
     parameters = inspect.signature(check.__init__).parameters
-    return {"examples": 20} if isinstance(getattr(parameters.get("examples"), "default", None), int) else {}
+    return {"examples": 5} if isinstance(getattr(parameters.get("examples"), "default", None), int) else {}
 
 
 # test_matrix's tiny benchmark (a one-step, an iterative L-inf and an L2 column, two L-inf eps) on 20 examples

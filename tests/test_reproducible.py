@@ -14,7 +14,8 @@ from harness import PINNED_CPU_NUMERICS
 REPO = Path(__file__).resolve().parents[1]
 X86 = platform.machine().lower() in ("x86_64", "amd64")
 
-# Trains a small model (conv, linear, fused Adam, the PGD adversary of pgd-at) and attacks it; prints hashes.
+# Trains a small model with pgd-at (conv, linear, its PGD adversary, two steps of fused Adam) and attacks it; prints
+# hashes. Under emulation every extra step costs seconds: pgd-at covers every kernel natural training uses.
 FINGERPRINT = """
 import dataclasses, hashlib, torch
 from defenses.recipes import build_recipe
@@ -23,12 +24,11 @@ from harness.data import load_dataset
 from harness.registry import ATTACKS
 from harness.provenance import cpu_numerics
 data = load_dataset("mnist5k")
-small = dataclasses.replace(data, x_train=data.x_train[:128], y_train=data.y_train[:128])
+small = dataclasses.replace(data, x_train=data.x_train[:64], y_train=data.y_train[:64])
 digest = lambda tensors: hashlib.sha256(b"".join(t.detach().contiguous().numpy().tobytes() for t in tensors)).hexdigest()
 out = [cpu_numerics()]
-for recipe in ("natural", "pgd-at"):
-    model, _ = train(build_recipe(recipe, epochs=1), small, seed=0, progress=False)
-    out.append(digest(model.state_dict().values()))
+model, _ = train(build_recipe("pgd-at", epochs=1), small, seed=0, progress=False)
+out.append(digest(model.state_dict().values()))
 adversarial = ATTACKS.get("pgd-linf")(steps=10)(model, data.x_test[:16], data.y_test[:16], eps=0.3,
                                                  generator=torch.Generator().manual_seed(0))
 out.append(digest([adversarial]))
