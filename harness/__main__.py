@@ -211,10 +211,8 @@ def _run_and_render(args, home: Path, out: Path, *, compute: bool) -> list[Path]
             finally:
                 if executor is not None:
                     executor.close()
-            if executor is not None and executor.overhead:
-                overhead = sorted(executor.overhead)
-                print(f"harness: Ray overhead per cell (round trip minus the cell's own seconds): median "
-                      f"{1000 * overhead[len(overhead) // 2]:.1f} ms over {len(overhead)} cells")
+            if executor is not None and executor.timings:
+                print(f"harness: {executor.overhead_summary()}")
             print(f"harness: {spec.name}: {summary.planned} cells, {summary.computed} computed, "
                   f"{summary.skipped} already in the store, {len(summary.failed)} failed "
                   f"({time.perf_counter() - started:.1f} s)")

@@ -13,9 +13,11 @@ Ray is imported only here, and only when this executor is asked for.
 """
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import os
 import socket
+import statistics
 import tempfile
 import time
 import traceback
@@ -40,6 +42,28 @@ def import_ray():
     return ray
 
 
+@dataclasses.dataclass(frozen=True)
+class TaskTiming:
+    """One cell's round trip as the driver saw it (submitted to collected) and the seconds its task body ran in the
+    worker (weights, model, clean pass and attack). The difference is Ray's part: scheduling, moving arguments and
+    the result, and, when every worker was busy at submission (`worker_free` False), the wait in Ray's queue."""
+    cell: str
+    round_trip: float
+    body: float
+    worker_free: bool
+
+    @property
+    def overhead(self) -> float:
+        return self.round_trip - self.body
+
+
+@dataclasses.dataclass(frozen=True)
+class _Timed:
+    """What a cell task returns: its result and how long its body ran, measured in the worker."""
+    result: object
+    seconds: float
+
+
 class RayExecutor:
     """Runs training and cells as Ray tasks: `address` None starts a local instance sized to this machine,
     otherwise connects ('auto', 'ray://host:port'). `threads`: torch threads (and Ray CPUs) per task;
@@ -57,7 +81,7 @@ class RayExecutor:
         torch.set_num_threads(threads)  # the driver computes the checkpoint keys with its own count: the tasks'.
         self._started = self._owner = False
         self._spec_ref = self._data_ref = self._shared_for = None
-        self.overhead: list[float] = []  # per cell: round-trip seconds minus the seconds the task itself measured
+        self.timings: list[TaskTiming] = []  # per computed cell: what Ray's part of its round trip cost
 
     # --- the Ray instance ---------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -83,6 +107,16 @@ class RayExecutor:
         if self._owner and self.ray.is_initialized():
             self.ray.shutdown()
         self._started = self._owner = False
+
+    def overhead_summary(self) -> str:
+        """Ray's part of a cell's round trip (median, ms): over the cells submitted while a worker was free, Ray's own
+        cost per task; over every cell, with the waits in Ray's queue that the in-flight limit allows."""
+        free = [t.overhead for t in self.timings if t.worker_free]
+        every = [t.overhead for t in self.timings]
+        text = "Ray overhead per cell (round trip minus the task's own run time), median "
+        if free:
+            text += f"{1000 * statistics.median(free):.1f} ms over the {len(free)} cells submitted to a free worker, "
+        return text + f"{1000 * statistics.median(every):.1f} ms over all {len(every)} (queue waits included)"
 
     def _in_flight_limit(self) -> int:
         if self.max_in_flight is not None:
@@ -171,6 +205,7 @@ class RayExecutor:
         remote = self.ray.remote(_cell_task).options(**self._options())
         running: dict = {}
         limit = self._in_flight_limit()
+        workers = max(1, int(self.ray.cluster_resources().get("CPU", 1)) // self.threads)
         while waiting or running:
             ready = [c for c in waiting if not (_needs(c) & pending)]
             for cell in ready[: max(0, limit - len(running))]:
@@ -180,22 +215,24 @@ class RayExecutor:
                 # object refs resolve only as top-level arguments: the defenses' weights go last, one each
                 ref = remote.remote(self._spec_ref, self._data_ref, str(runner.device), self.threads, cell, records,
                                     *(defenses[n] for n in names))
-                running[ref] = (cell, time.perf_counter())
+                running[ref] = (cell, time.perf_counter(), len(running) < workers)
                 waiting.remove(cell)
             if not running:  # nothing can start: a predecessor is not in this run and not stored
                 for cell in waiting:
                     yield cell, RuntimeError(f"{cell.describe()} waits for cells that are neither stored nor planned")
                 return
             done, _ = self.ray.wait(list(running), num_returns=1)
-            cell, submitted = running.pop(done[0])
+            cell, submitted, worker_free = running.pop(done[0])
             result = self._result(done[0])
+            if isinstance(result, _Timed):
+                self.timings.append(TaskTiming(cell.key, time.perf_counter() - submitted, result.seconds, worker_free))
+                result = result.result
             if isinstance(result, tuple):  # (exception text, traceback): the cell failed, the run goes on
                 error = RuntimeError(result[0])
                 error.traceback_text = result[1]
                 outcome = error
             else:
                 outcome = result
-                self.overhead.append(time.perf_counter() - submitted - outcome.seconds)
             pending.discard(cell.key)
             yield cell, outcome
 
@@ -262,8 +299,13 @@ def _local_weights(key: str, weights: bytes, filename: str) -> Path:
 
 
 def _cell_task(spec: BenchmarkSpec, data: Dataset, device: str, threads: int, cell: Cell, records: dict, *defenses):
-    """Compute one cell; returns its CellOutcome, or (error text, traceback) when the cell raised. `defenses`: the
-    cell's defense and its transfer source, as `_portable` packs them."""
+    """Compute one cell; returns its CellOutcome, or (error text, traceback) when the cell raised, with the seconds
+    the task ran (`_Timed`). `defenses`: the cell's defense and its transfer source, as `_portable` packs them."""
+    started = time.perf_counter()
+    return _Timed(_compute_cell(spec, data, device, threads, cell, records, defenses), time.perf_counter() - started)
+
+
+def _compute_cell(spec: BenchmarkSpec, data: Dataset, device: str, threads: int, cell: Cell, records: dict, defenses):
     from harness.evaluation import CellRunner
     from harness.preparation import PreparedDefense
 
