@@ -121,8 +121,10 @@ class RayExecutor:
     def _in_flight_limit(self) -> int:
         if self.max_in_flight is not None:
             return max(1, self.max_in_flight)
-        cpus = int(self.ray.cluster_resources().get("CPU", 1))
-        return max(2, 2 * cpus // self.threads)
+        return max(2, 2 * self._cluster_cpus() // self.threads)
+
+    def _cluster_cpus(self) -> int:
+        return int(self.ray.cluster_resources().get("CPU", 1))
 
     def _options(self) -> dict:
         return {"num_cpus": self.threads, "num_gpus": self.gpus, "max_retries": self.max_retries}
@@ -144,7 +146,7 @@ class RayExecutor:
         self.start()
         self._shared(spec, data)
         keys = defense_keys(spec, data)
-        by_name = {d.name: d for d in spec.all_defenses}
+        by_name = spec.defenses_by_name
         wanted: list[str] = []
 
         def need(name: str) -> None:
@@ -205,7 +207,7 @@ class RayExecutor:
         remote = self.ray.remote(_cell_task).options(**self._options())
         running: dict = {}
         limit = self._in_flight_limit()
-        workers = max(1, int(self.ray.cluster_resources().get("CPU", 1)) // self.threads)
+        workers = max(1, self._cluster_cpus() // self.threads)
         while waiting or running:
             ready = [c for c in waiting if not (_needs(c) & pending)]
             for cell in ready[: max(0, limit - len(running))]:

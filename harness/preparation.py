@@ -28,7 +28,7 @@ def external_key(defense: DefenseSpec) -> str:
 def defense_keys(spec: BenchmarkSpec, data: Dataset) -> dict[str, str]:
     """The model identity of every defense row, computed without training: checkpoint keys (which include
     the keys of ensemble sources) or external-file hashes."""
-    by_name = {d.name: d for d in spec.all_defenses}
+    by_name = spec.defenses_by_name
     keys: dict[str, str] = {}
 
     def key_of(defense: DefenseSpec) -> str:
@@ -99,7 +99,7 @@ def prepare_defenses(spec: BenchmarkSpec, names: Iterable[str], data: Dataset, *
     validated first (import, build, load, a forward pass with finite logits), before any training starts.
     With `failed`, a trained defense that cannot be used (non-finite outputs) is recorded there (name -> reason)
     and the others go on; a bad external model, or any failure without `failed`, raises."""
-    by_name = {d.name: d for d in spec.all_defenses}
+    by_name = spec.defenses_by_name
     prepared: dict[str, PreparedDefense] = {}
     names = list(dict.fromkeys(names))
 

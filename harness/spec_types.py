@@ -98,6 +98,11 @@ class BenchmarkSpec:
         """The rows and their training-seed replicas: every model the benchmark trains or loads."""
         return self.defenses + self.replicas
 
+    @property
+    def defenses_by_name(self) -> dict[str, DefenseSpec]:
+        """Every model the benchmark trains or loads, by name."""
+        return {d.name: d for d in self.all_defenses}
+
     def training_seed(self, defense: DefenseSpec) -> int:
         return self.seed if defense.seed is None else defense.seed
 

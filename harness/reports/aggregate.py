@@ -57,10 +57,6 @@ def board_file(spec: BenchmarkSpec, board: str) -> str:
     return f"{board}.md" if spec.name == "mnist-quick" else f"{spec.name}-{board}.md"
 
 
-def sanity_file(spec: BenchmarkSpec) -> str:
-    return board_file(spec, "sanity")
-
-
 def defense_anchor(name: str) -> str:
     """The GitHub anchor of the '## Defense: <name>' heading in the sanity board."""
     return "defense-" + re.sub(r"[^a-z0-9 _-]", "", f"{name}".lower()).replace(" ", "-")
@@ -180,7 +176,7 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
         if spec.checks:
             status = overall(verdicts[defense.name])
             summary["Sanity"] = (MISSING_VERDICT if status is None else
-                                 f"[{status.label}]({sanity_file(spec)}#{defense_anchor(defense.name)})")
+                                 f"[{status.label}]({board_file(spec, 'sanity')}#{defense_anchor(defense.name)})")
         summary.update({"Training evals (k)": training_evals / 1e3 if defense.recipe is not None and training else None,
                         "Clean": None if clean is None else 100 * clean.mean()})
         vectors[defense.name] = {} if clean is None else {"Clean": clean}

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from harness.data import Dataset
 from harness.provenance import code_commit
-from harness.reports.aggregate import board_file, build, sanity_file
+from harness.reports.aggregate import board_file, build
 from harness.reports.leaderboard import render_markdown
 from harness.reports.findings import render_findings
 from harness.reports.figures import figure_name, render_figure, render_training_figure, training_figure_name
@@ -42,7 +42,7 @@ def write(spec: BenchmarkSpec, store: ResultStore, data: Dataset, out_dir: Path,
                                                        training_figure=training_figure.as_posix() if trained else None),
                          board.versions)]
     if spec.checks:
-        sanity_path = out_dir / sanity_file(spec)
+        sanity_path = out_dir / board_file(spec, "sanity")
         paths.append(_write_board(sanity_path, lambda: render_sanity(board, out_dir, command=command),
                                   board.versions))
     if spec.label_leak_pairs:

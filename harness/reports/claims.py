@@ -77,7 +77,7 @@ def _column(board: Leaderboard, name: str, family: Family, norm: Norm, eps: floa
 
 def _model(board: Leaderboard, name: str) -> str:
     """The architecture a defense of the board trains (e.g. small-cnn), or 'external'."""
-    recipe = next(d.recipe for d in board.spec.defenses if d.name == name)
+    recipe = board.spec.defenses_by_name[name].recipe
     return "external" if recipe is None else recipe.model
 
 

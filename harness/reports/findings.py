@@ -12,7 +12,7 @@ from scipy import stats
 
 from attacks_ext.checks.plotting import _line_styles
 from attacks_ext.feature_units import DEAD_SHARE, dead_units
-from attacks_ext.label_leak import robust_feature_rows
+from attacks_ext.label_leak import robust_feature_rows, robust_linear_hits
 from harness.figures import pyplot, save_figure
 from harness.registry import Family
 from harness.reports.aggregate import Leaderboard
@@ -159,12 +159,10 @@ def robust_feature_leakage(board: Leaderboard) -> Finding:
     if not board.spec.robust_features or record is None:
         return Finding(claim, source, paper, "no robust-features cell" if not board.spec.robust_features else
                        "the cell is missing from the store", NOT_MEASURED if not board.spec.robust_features else NOT_RUN, rule)
-    m = record.measurements
-    rows = robust_feature_rows(m)
-    true = np.asarray(m["true_label"])
-    n = len(true)
-    above = [stats.binomtest(int((m[f"{name}_robust_linear_predictions"] == true).sum()), n, row["Chance"] / 100,
-                             alternative="greater").pvalue < ALPHA for name, row in zip(("rand", "det"), rows)]
+    rows, hits = robust_feature_rows(record.measurements), robust_linear_hits(record.measurements)
+    n = len(record.measurements["true_label"])
+    above = [stats.binomtest(hits[name], n, row["Chance"] / 100, alternative="greater").pvalue < ALPHA
+             for name, row in zip(hits, rows)]  # both in ROBUST_FEATURE_SETS order: rand, det
     ours = "; ".join(f"{r['Data set'].split(' ')[0]}: bound {r['Robust linear features → clean test (%)']:.1f}% "
                      f"(network {r['Network → clean test (%)']:.1f}%, chance {r['Chance']:.1f}%)" for r in rows)
     return Finding(claim, source, paper, f"MNIST, {n} test digits: " + ours,

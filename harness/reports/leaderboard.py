@@ -8,7 +8,7 @@ import pandas as pd
 
 from harness.planning import cascade_order, runs_on_every_example
 from harness.provenance import code_commit
-from harness.reports.aggregate import Leaderboard, _column, overall, passes_sanity, sanity_file
+from harness.reports.aggregate import Leaderboard, _column, overall, board_file, passes_sanity
 from harness.reports.markdown import MISSING, markdown_table as _markdown
 from harness.reports.ranking import (interval_footnote, ranking_frame, ranking_note, seed_spread_frame, seed_spread_note,
                                      with_intervals)
@@ -36,7 +36,7 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
     ]
     if spec.checks:
         lines += [f"**Sanity** is the worst verdict of {len(spec.checks)} checks that tell robustness from gradient "
-                  f"masking (pass / warn / fail; the link leads to its figures and reasons in `{sanity_file(spec)}`). "
+                  f"masking (pass / warn / fail; the link leads to its figures and reasons in `{board_file(spec, 'sanity')}`). "
                   "A defense that fails ranks below every other, whatever its accuracies.", ""]
     if board.missing:
         lines += [f"**Incomplete:** {len(board.missing)} cells are not in the store ({MISSING} below); "
@@ -44,7 +44,7 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
     unjudged = [name for name, verdicts in board.verdicts.items() if spec.checks and overall(verdicts) is None]
     if unjudged:
         lines += [f"**Sanity verdict missing** for {', '.join(unjudged)}: some of their checks have no evidence in the "
-                  f"store (see `{sanity_file(spec)}`), so nothing vouches for their numbers; read those rows as "
+                  f"store (see `{board_file(spec, 'sanity')}`), so nothing vouches for their numbers; read those rows as "
                   "unchecked.", ""]
     rank_column = f"Worst {_column(*spec.rank_by)}"
     ranked = passes_sanity(board.verdicts, board.summary["Defense"])

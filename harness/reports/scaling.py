@@ -36,7 +36,7 @@ class Task:
 def task_graph(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> tuple[dict[str, Task], list[str]]:
     """The tasks of a benchmark with their measured seconds, and what is missing from the store (counted as 0 s)."""
     keys = defense_keys(spec, data)
-    by_name = {d.name: d for d in spec.all_defenses}
+    by_name = spec.defenses_by_name
     tasks: dict[str, Task] = {}
     missing: list[str] = []
     for name, defense in by_name.items():
