@@ -45,6 +45,7 @@ class AttackSpec:
     norm: Norm
     eps: tuple[float, ...]
     source: str | None = None  # a transfer (black-box) column: examples crafted on this defense's model
+    standalone: bool = False  # in a cascade, runs on every example anyway: its column is the attack's own accuracy
 
     @property
     def family(self) -> str:
