@@ -71,7 +71,7 @@ class Recipe:
     adversarial_fraction: float = 1.0  # k / m
     adversarial_weight: float = 1.0  # lambda
     delay_steps: int = 0  # clean-only minibatches before adversarial examples start
-    mixed_adversary: str | None = None  # every other minibatch uses this adversary instead
+    mixed_adversary: str | None = None  # every other minibatch uses this adversary (with adversary_options) instead
     mixed_eps: float = 0.0
     ensemble_sources: tuple[str, ...] = ()  # benchmark defenses whose fixed models craft in turn
     # loss
@@ -146,7 +146,12 @@ class Recipe:
         if self.mixed_adversary is not None:
             if self.adversary is None:
                 self._fail("mixed_adversary alternates with adversary, which is missing")
-            mixed = ATTACKS.get(self.mixed_adversary)()
+            mixed_factory = ATTACKS.get(self.mixed_adversary)
+            try:  # the same options as the adversary (both are PGD: steps, step size), so both halves get one budget
+                check_keywords(mixed_factory, dict(self.adversary_options), f"mixed_adversary {self.mixed_adversary!r}")
+            except ValueError as error:
+                self._fail(f"adversary_options: {error}")
+            mixed = mixed_factory(**dict(self.adversary_options))
             if not mixed.per_example_eps:
                 self._fail(f"mixed_adversary {self.mixed_adversary!r} takes one eps per batch; training needs one of "
                            "our own attacks (per-example eps)")

@@ -235,7 +235,7 @@ def train(recipe: Recipe, data: Dataset, *, seed: int, device: torch.device | st
     if recipe.loss == "atda":
         atda_fgsm, centers = ATTACKS.get("fgsm")(), torch.zeros(data.num_classes, data.num_classes, device=device)
     if recipe.mixed_adversary:
-        adversaries.append(ATTACKS.get(recipe.mixed_adversary)())
+        adversaries.append(ATTACKS.get(recipe.mixed_adversary)(**dict(recipe.adversary_options)))
     if recipe.optimizer == "adam":
         # fused: its square root is the vector unit's exact one; the default Adam's goes through MKL's vector math,
         # whose last bits depend on the processor, and training turns those bits into a different model

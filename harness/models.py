@@ -41,7 +41,7 @@ class ReluDecay(nn.Module):
         return r / (1 + self.beta * r * r)
 
 
-ACTIVATIONS = ("relu", "relu6", "relu-decay")
+ACTIVATIONS = ("relu", "relu6", "relu-decay", "elu")
 
 
 def make_activation(name: str, beta: float = 0.01) -> nn.Module:
@@ -49,6 +49,8 @@ def make_activation(name: str, beta: float = 0.01) -> nn.Module:
         return nn.ReLU()
     if name == "relu6":
         return nn.ReLU6()
+    if name == "elu":  # Kurakin et al.'s model C: the same network with ELU (alpha 1) instead of ReLU
+        return nn.ELU()
     if name == "relu-decay":
         if not beta > 0:
             raise ValueError(f"relu-decay needs activation_beta > 0, got {beta!r}")

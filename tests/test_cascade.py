@@ -271,3 +271,21 @@ def test_cascade_must_be_a_boolean(tmp_path):
     path.write_text(CASCADE_SPEC.replace("cascade = {cascade}", 'cascade = "yes"'))
     with pytest.raises(spec_module.SpecError, match=r"benchmark\.cascade.*true or false"):
         spec_module.load(path)
+
+
+def test_a_standalone_column_attacks_every_example_and_the_chain_goes_on_after_it(tmp_path, mnist):
+    """A paper's table needs each attack's own accuracy: `standalone = true` keeps the column out of the chain's
+    filter (its cell is the non-cascade cell, key included) while the columns after it attack what it left."""
+    path = tmp_path / "spec.toml"
+    marked = 'attack = "pgd-linf"\nstandalone = true'
+    path.write_text(CASCADE_SPEC.format(cascade="true").replace('attack = "pgd-linf"', marked))
+    cells = {(c.label, c.eps): c for c in plan(spec_module.load(path), mnist) if c.check is None}
+    path.write_text(CASCADE_SPEC.format(cascade="false"))
+    plain = {(c.label, c.eps): c for c in plan(spec_module.load(path), mnist) if c.check is None}
+    assert cells[("pgd", 0.15)].after == () and cells[("pgd", 0.15)].key == plain[("pgd", 0.15)].key
+    # the column after it (not marked) attacks what the whole chain left, the standalone column included
+    assert cells[("so", 0.15)].after == (cells[("clean", 0.0)].key,) + tuple(
+        cells[(label, 0.15)].key for label in ("fgsm", "fgsm-pred", "ta-fgsm", "pgd"))
+    path.write_text(CASCADE_SPEC.format(cascade="true").replace('attack = "so-linf"', 'attack = "so-linf"\nstandalone = 1'))
+    with pytest.raises(spec_module.SpecError, match=r"attacks\.so\.standalone.*true or false"):
+        spec_module.load(path)

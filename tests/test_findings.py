@@ -101,11 +101,11 @@ def test_kind_reads_what_a_recipe_trains():
     assert kind(DefenseSpec("b", build_recipe("natural", input_levels=2))) == "masked"
 
 
-def _board(tmp_path, mnist, vectors, sums=None):
+def _board(tmp_path, mnist, vectors, sums=None, spec_text=SPEC):
     """Write every planned cell with the vector `vectors(defense, label, eps)` picks, and render the boards."""
     tmp_path.mkdir()
     path = tmp_path / "tiny.toml"
-    path.write_text(SPEC)
+    path.write_text(spec_text)
     spec = spec_module.load(path)
     clean = np.arange(60) % 10 != 0  # 54 of 60 right
     with ResultStore(tmp_path / "s.sqlite") as store:
@@ -121,8 +121,12 @@ def _board(tmp_path, mnist, vectors, sums=None):
                                         measurements=measurements))
         paths = boards.write(spec, store, mnist, tmp_path / "out", command="test")
     assert paths[-1].name == "tiny-findings.md"
-    table = next(t for t in json.loads(paths[-1].with_suffix(".json").read_text())["tables"] if t["section"] == "Claims")
-    return {row[0]: dict(zip(table["columns"], row)) for row in table["rows"]}, paths[-1]
+    return _rows(paths[-1], "Claims"), paths[-1]
+
+
+def _rows(board, section: str) -> dict[str, dict]:
+    table = next(t for t in json.loads(board.with_suffix(".json").read_text())["tables"] if t["section"] == section)
+    return {row[0]: dict(zip(table["columns"], row)) for row in table["rows"]}
 
 
 def _share(share: float) -> np.ndarray:
@@ -172,3 +176,171 @@ def test_bad_findings_table_names_the_key(tmp_path):
     path.write_text(SPEC.replace("dead_units = true", "dead = true"))
     with pytest.raises(spec_module.SpecError, match=r"findings.*unknown key 'dead'.*allowed: dead_units"):
         spec_module.load(path)
+
+
+CROSS_NORM_SPEC = """
+[benchmark]
+name = "tiny"
+dataset = "mnist5k"
+seed = 0
+eval_examples = 60
+batch_size = 25
+rank_by = ["linf", 0.3]
+cascade = true
+
+[eps]
+linf = [0.3]
+l2 = [2.0]
+
+[defenses.natural]
+recipe = "natural"
+[defenses.pgd-at]
+recipe = "pgd-at"
+[defenses.pgd-at-l2]
+recipe = "pgd-at-l2"
+[defenses.trades]
+recipe = "trades"
+[defenses.mixed-norm-at]
+recipe = "mixed-norm-at"
+[defenses.ensemble-at]
+recipe = "ensemble-at"
+ensemble_sources = ["natural"]
+[defenses.atda]
+recipe = "atda"
+
+[attacks.pgd]
+attack = "pgd-linf"
+steps = 5
+standalone = true
+[attacks.so-linf]
+attack = "so-linf"
+steps = 5
+standalone = true
+[attacks.last]
+attack = "pgd-linf"
+steps = 3
+[attacks.pgd-l2]
+attack = "pgd-l2"
+steps = 5
+standalone = true
+[attacks.so-l2]
+attack = "so-l2"
+steps = 5
+standalone = true
+
+[findings]
+"""
+
+
+def test_the_cross_norm_table_and_its_claims_follow_the_stored_vectors(tmp_path, mnist):
+    shares = {  # (defense, column) -> robust share; the rest keep 0.5. "last" runs on the chain's survivors.
+        ("pgd-at", "so-l2"): 0.1, ("pgd-at", "pgd-l2"): 0.3, ("pgd-at-l2", "so-linf"): 0.05, ("pgd-at-l2", "pgd"): 0.6,
+        ("mixed-norm-at", "last"): 0.2, ("mixed-norm-at", "so-l2"): 0.2, ("pgd-at", "pgd"): 0.9,
+        ("pgd-at", "so-linf"): 0.9, ("pgd-at-l2", "pgd-l2"): 0.9, ("pgd-at-l2", "so-l2"): 0.9,
+        ("ensemble-at", "pgd-l2"): 0.7, ("ensemble-at", "so-l2"): 0.7, ("atda", "pgd-l2"): 0.1, ("atda", "so-l2"): 0.1}
+
+    def vectors(defense, label, eps):
+        return _share(shares.get((defense, label), 0.5))
+
+    rows, board = _board(tmp_path / "a", mnist, vectors, spec_text=CROSS_NORM_SPEC)
+    table = _rows(board, "The cross-norm table (Li et al. Table 1)")
+    assert set(table) == {"natural", "pgd-at", "pgd-at-l2", "trades", "mixed-norm-at", "ensemble-at", "atda"}
+    pgd_at = table["pgd-at"]  # each column its own accuracy; the worst case per example over the norm's columns
+    robust = lambda share: pytest.approx(100 * np.mean(_share(share) & (np.arange(60) % 10 != 0)))  # 54 clean-right
+    assert (pgd_at["PGD-L∞ 0.3"], pgd_at["S-O-L∞ 0.3"], pgd_at["Worst L∞ 0.3"]) == (robust(0.9), robust(0.9), robust(0.5))
+    assert (pgd_at["PGD-L2 2"], pgd_at["S-O-L2 2"], pgd_at["Worst L2 2"]) == (robust(0.3), robust(0.1), robust(0.1))
+    assert pgd_at["Paper PGD-L2"] == 0.4 and table["atda"]["Trained with"] == "ATDA, L∞"
+    assert table["natural"]["Paper PGD-L∞"] is None
+    assert rows["S-O finds what PGD misses on a model attacked in the norm it was not trained for"]["Verdict"] == "reproduced"
+    assert "60 test digits, columns pgd-l2, so-l2, pgd, so-linf" in rows[
+        "S-O finds what PGD misses on a model attacked in the norm it was not trained for"]["Ours"]
+    mixed = "Training on mixed L∞ and L2 examples barely helps: it matches neither single-norm model in its own norm"
+    fix = "Ensemble adversarial training and ATDA partly fix the cross-norm collapse of L∞ training"
+    assert (rows[mixed]["Verdict"], rows[fix]["Verdict"]) == ("reproduced", "partly")
+    assert not any(claim.startswith("The cross-norm table") for claim in rows)  # the table is on this board
+
+    shares.update({("mixed-norm-at", "so-l2"): 0.9, ("mixed-norm-at", "pgd-l2"): 0.9, ("atda", "pgd-l2"): 0.7,
+                   ("atda", "so-l2"): 0.7, ("pgd-at-l2", "so-linf"): 0.6, ("pgd-at", "so-l2"): 0.3})
+    rows, _ = _board(tmp_path / "b", mnist, vectors, spec_text=CROSS_NORM_SPEC)
+    assert (rows[mixed]["Verdict"], rows[fix]["Verdict"]) == ("partly", "reproduced")
+    assert rows["S-O finds what PGD misses on a model attacked in the norm it was not trained for"]["Verdict"] == (
+        "not reproduced")
+
+
+KURAKIN_SPEC = """
+[benchmark]
+name = "tiny"
+dataset = "mnist5k"
+seed = 0
+eval_examples = 60
+batch_size = 25
+rank_by = ["linf", 0.1]
+
+[eps]
+linf = [0.1, 0.3]
+
+[defenses.natural]
+recipe = "natural"
+[defenses.fgsm-at]
+recipe = "fgsm-at"
+[defenses.step-ll-at]
+recipe = "step-ll-at"
+[defenses.random-sign-at]
+recipe = "fgsm-at"
+adversary = "random-sign"
+[defenses.natural-w05]
+recipe = "natural"
+width = 0.5
+[defenses.natural-w2]
+recipe = "natural"
+width = 2.0
+[defenses.step-ll-at-w05]
+recipe = "step-ll-at"
+width = 0.5
+[defenses.step-ll-at-w2]
+recipe = "step-ll-at"
+width = 2.0
+
+[attacks.fgsm]
+attack = "fgsm"
+[attacks.step-ll]
+attack = "step-ll"
+[attacks.iter-ll]
+attack = "iter-ll"
+eps = [0.1]
+
+[findings]
+"""
+
+
+def test_kurakin_table5_and_capacity_follow_the_stored_vectors(tmp_path, mnist):
+    shares = {("step-ll-at-w05", "step-ll"): 0.3, ("step-ll-at", "step-ll"): 0.5, ("step-ll-at-w2", "step-ll"): 0.7,
+              ("step-ll-at-w05", "iter-ll"): 0.1, ("step-ll-at-w2", "iter-ll"): 0.2,
+              ("natural", "step-ll"): 0.4, ("natural", "iter-ll"): 0.3, ("random-sign-at", "fgsm"): 0.25}
+
+    def vectors(defense, label, eps):
+        return _share(shares.get((defense, label), 0.1))
+
+    rows, board = _board(tmp_path / "a", mnist, vectors, spec_text=KURAKIN_SPEC)
+    table5 = _rows(board, "One-step adversaries for adversarial training (Kurakin et al. Table 5)")
+    assert set(table5) == {"natural", "fgsm-at", "step-ll-at", "random-sign-at"}  # width 1 only
+    sign = table5["random-sign-at"]  # every example counts, clean-misclassified ones too
+    assert (sign["Adversary"], sign["fgsm 0.1"], sign["Clean"]) == ("random-sign", pytest.approx(25.0), pytest.approx(90.0))
+    assert sign["Paper: clean / FGSM 2, 4, 8, 16"] == "76.5 / 38.8, 36.6, 35.0, 32.7"
+    assert "random-sign-at (random-sign)" in rows[
+        "Step l.l. or step rnd. is the best one-step adversary for adversarial training"]["Ours"]
+    capacity = _rows(board, "Model capacity (Kurakin et al. Sec. 4.3)")
+    assert [r["Width"] for r in capacity.values()] == [0.5, 1.0, 2.0, 0.5, 1.0, 2.0]
+    by_defense = capacity
+    assert by_defense["step-ll-at-w2"]["step-ll ratio"] == pytest.approx(0.7 * 60 / 54)  # adversarial / clean
+    assert "iter-ll ratio" in by_defense["natural"] and "fgsm ratio" not in by_defense["natural"]  # Fig. 1's attacks
+    gains = "Adversarially trained models get more robust with width"
+    optimum = "Naturally trained models have an optimal width for robustness"
+    assert (rows[gains]["Verdict"], rows[optimum]["Verdict"]) == ("reproduced", "reproduced")
+    assert not any(claim.startswith("Adversarially trained models get more robust with width;") for claim in rows)
+    assert (board.parent / "figures/tiny-capacity.png").is_file()
+
+    shares.update({("step-ll-at-w2", "step-ll"): 0.45, ("step-ll-at-w2", "iter-ll"): 0.05, ("natural", "iter-ll"): 0.1,
+                   ("natural-w2", "step-ll"): 0.6})
+    rows, _ = _board(tmp_path / "b", mnist, vectors, spec_text=KURAKIN_SPEC)
+    assert (rows[gains]["Verdict"], rows[optimum]["Verdict"]) == ("not reproduced", "not reproduced")

@@ -204,6 +204,22 @@ def test_mixed_norm_training_alternates_adversaries(micro, spy):
     assert [float(call["eps"][0]) for call in spy] == pytest.approx([0.3, 2.0, 0.3, 2.0])
 
 
+def test_the_mixed_adversary_takes_the_adversarys_options(micro, monkeypatch):
+    """Both halves of mixed-norm training get one budget: pgd-l2 is built with the recipe's adversary_options."""
+    built, real = [], ATTACKS.get("pgd-l2")
+
+    def recording(**options):
+        built.append(options)
+        return real(**options)
+
+    monkeypatch.setitem(ATTACKS._entries, "pgd-l2", recording)
+    train(build_recipe("mixed-norm-at", adversary_options={"steps": 2}, batch_size=16, epochs=1), micro, seed=0,
+          progress=False)
+    assert built and built[-1] == {"steps": 2}
+    with pytest.raises(ValueError, match="adversary_options: unknown option 'steps' for mixed_adversary 'step-ll'"):
+        build_recipe("mixed-norm-at", mixed_adversary="step-ll")
+
+
 def test_gaussian_noise_is_applied_in_training_only(micro, monkeypatch):
     seen = []
     original = training.build_recipe_model
@@ -289,10 +305,10 @@ def test_trades_and_guard_preconditions():
 def test_activations(micro):
     x = torch.linspace(-2, 5, 15)
     assert torch.allclose(ReluDecay(0.1)(x), torch.relu(x) / (1 + 0.1 * torch.relu(x) ** 2))
-    for activation in ("relu6", "relu-decay"):
+    for activation, module in (("relu6", "ReLU6"), ("relu-decay", "ReluDecay"), ("elu", "ELU")):
         model, _ = train(build_recipe("natural", epochs=1, activation=activation), micro, seed=0, progress=False)
         kinds = {type(m).__name__ for m in model.modules()}
-        assert ("ReLU6" if activation == "relu6" else "ReluDecay") in kinds and "ReLU" not in kinds
+        assert module in kinds and "ReLU" not in kinds
 
 
 @pytest.mark.slow

@@ -10,6 +10,7 @@ import pandas as pd
 
 from attacks_ext.label_leak import perturbation_probe_rows
 from harness.check_types import Status
+from harness.planning import runs_on_every_example
 from harness.registry import ATTACKS, Family
 from harness.reports.aggregate import Leaderboard
 from harness.reports.label_leak import label_leak_frame
@@ -34,8 +35,9 @@ class Finding:
 
 
 def kind(defense: DefenseSpec) -> str:
-    """What a recipe trains, read off its fields (not its name): natural, one-step, pgd-linf, pgd-l2, trades, gn,
-    ls-gn, lsq-gn; masked (a planted input quantization), other (ensembles, mixed norms, ATDA, ...), external."""
+    """What a recipe trains, read off its fields (not its name): natural, one-step, noise (Algorithm 1 with a random
+    perturbation), pgd-linf, pgd-l2, trades, gn, ls-gn, lsq-gn; masked (a planted input quantization), other
+    (ensembles, mixed norms, ATDA, ...), external."""
     r = defense.recipe
     if r is None:
         return "external"
@@ -51,6 +53,8 @@ def kind(defense: DefenseSpec) -> str:
             return "gn" if regularizer is None else f"{regularizer}-gn"
         return regularizer or "natural"
     info = ATTACKS.info(r.adversary)
+    if info["family"] is Family.NOISE:
+        return "noise"
     return "one-step" if info["family"] is Family.ONE_STEP else f"pgd-{info['norm'].value}"
 
 
@@ -72,6 +76,17 @@ def _column(board: Leaderboard, name: str, family: Family, norm: Norm, eps: floa
         if attack.source is None and attack.norm is norm and eps in attack.eps and attack.family == family.value:
             record = board.outcomes.get((name, attack.label, eps))
             return None if record is None else (attack.label, record.robust_correct)
+    return None
+
+
+def standalone_column(board: Leaderboard, name: str, attack_id: str, eps: float) -> tuple[str, np.ndarray | None] | None:
+    """The first white-box column of `attack_id` at `eps` that attacked every example (its own accuracy, not what a
+    cascade left): (label, robust vector; None while its cell is missing); None when the board has no such column."""
+    for attack in board.spec.attacks:
+        if attack.attack_id == attack_id and attack.source is None and eps in attack.eps and runs_on_every_example(
+                board.spec, attack):
+            record = board.outcomes.get((name, attack.label, eps))
+            return attack.label, None if record is None else record.robust_correct
     return None
 
 
@@ -191,7 +206,8 @@ def targeted_one_step_trains_best(board: Leaderboard) -> Finding:
     rule = ("reproduced when a step-l.l.- or step-rnd.-trained defense is not significantly below any other one-step-"
             f"trained defense under the first one-step column at every L∞ eps (one-sided exact McNemar, p < {ALPHA:g}) "
             "with clean accuracy within 1 point of the best; partly at some eps")
-    trained = {d.name: d.recipe.adversary for d in board.spec.defenses if kind(d) == "one-step"}
+    trained = {d.name: d.recipe.adversary for d in board.spec.defenses if kind(d) in ("one-step", "noise")
+               and d.recipe.width == 1}  # Table 5's rows; a width sweep's models are Sec. 4.3's
     targeted = [n for n, adversary in trained.items() if adversary in ("step-ll", "step-rnd")]
     grid = dict(board.spec.eps).get(Norm.LINF, ())
     if not targeted or len(trained) < 2 or not grid:
@@ -221,23 +237,37 @@ def second_order_beats_pgd(board: Leaderboard) -> Finding:
              "(the rows' norm symbols were lost in extraction; read in the table's order)")
     rule = (f"reproduced when S-O leaves significantly fewer examples than PGD (one-sided exact McNemar, p < {ALPHA:g}) "
             "on the L∞-trained model under L2 and on the L2-trained model under L∞; partly: one of the two")
-    check = board.checks.get("gradient-norm-trace")
     pairs = [(names[0], norm) for names, norm in ((_names(board, "pgd-linf"), Norm.L2), (_names(board, "pgd-l2"), Norm.LINF))
              if names]
-    if check is None or len(pairs) < 2:
-        return Finding(claim, source, paper, "needs the gradient-norm-trace check and L∞- and L2-trained defenses",
-                       NOT_MEASURED, rule)
+    if len(pairs) < 2:
+        return Finding(claim, source, paper, "needs L∞- and L2-trained defenses", NOT_MEASURED, rule)
+    grid = dict(board.spec.eps)
+    at = {norm: max(grid[norm]) for norm in (Norm.LINF, Norm.L2) if grid.get(norm)}
+    columns = {(name, norm): [standalone_column(board, name, f"{method}-{norm.value}", at[norm]) if norm in at else None
+                              for method in ("pgd", "so")] for name, norm in pairs}
+    if all(c is not None for pair in columns.values() for c in pair):  # a cross-norm table's columns: every example
+        if any(c[1] is None for pair in columns.values() for c in pair):
+            return Finding(claim, source, paper, "cells missing from the store", NOT_RUN, rule)
+        vectors = {key: (pgd[1], so[1]) for key, (pgd, so) in columns.items()}
+        where = f"{board.spec.eval_examples} test digits, columns {', '.join(c[0] for pair in columns.values() for c in pair)}"
+    else:  # the gradient-norm-trace check's PGD and S-O on its own examples
+        check = board.checks.get("gradient-norm-trace")
+        if check is None:
+            return Finding(claim, source, paper, "needs PGD and S-O columns at both norms or the gradient-norm-trace check",
+                           NOT_MEASURED, rule)
+        vectors = {}
+        for name, norm in pairs:
+            traces = {n: m for n, _, m in check.traces(board.evidence["gradient-norm-trace"][name])}
+            if norm not in traces:
+                return Finding(claim, source, paper, f"{name}'s {norm.symbol} trace is missing from the store", NOT_RUN, rule)
+            vectors[(name, norm)] = tuple(np.asarray(traces[norm][k], bool) for k in ("pgd_correct", "so_correct"))
+        where = f"{len(next(iter(vectors.values()))[0])} test digits, rank-by eps per norm"
     parts, held = [], 0
-    for name, norm in pairs:
-        traces = {n: m for n, _, m in check.traces(board.evidence["gradient-norm-trace"][name])}
-        if norm not in traces:
-            return Finding(claim, source, paper, f"{name}'s {norm.symbol} trace is missing from the store", NOT_RUN, rule)
-        pgd, so = (np.asarray(traces[norm][k], bool) for k in ("pgd_correct", "so_correct"))
+    for (name, norm), (pgd, so) in vectors.items():
         test = mcnemar(pgd, so, alternative="greater")
         held += test.p_value < ALPHA
         parts.append(f"{name} at {norm.symbol}: PGD {_pct(pgd):.1f}% vs S-O {_pct(so):.1f}% (p = {test.p_value:.2g})")
-    return Finding(claim, source, paper, f"{len(pgd)} test digits, rank-by eps per norm: " + "; ".join(parts),
-                   _grade(held, 2), rule)
+    return Finding(claim, source, paper, f"{where}: " + "; ".join(parts), _grade(held, 2), rule)
 
 
 def linf_training_fails_at_l2(board: Leaderboard) -> Finding:
@@ -263,16 +293,20 @@ def linf_training_fails_at_l2(board: Leaderboard) -> Finding:
 
 # Claims of the source papers that need models or attacks this benchmark does not train or run (issue 18's
 # papers benchmark); the board lists them so that a missing row reads as missing, never as a pass.
+CROSS_NORM_SOURCE, CAPACITY_SOURCE = "Li et al. (004) Table 1", "Kurakin et al. (002) Sec. 4.3"
 NOT_ON_THIS_BENCHMARK = (
-    ("The cross-norm table: six training methods x PGD/S-O at L∞ and L2", "Li et al. (004) Table 1",
+    ("The cross-norm table: six training methods x PGD/S-O at L∞ and L2", CROSS_NORM_SOURCE,
      "Madry L∞/L2, TRADES, ensemble, ATDA, mixed: see the table", "ensemble-at, mixed-norm-at and ATDA models and an "
-     "S-O-L∞ column are not on this benchmark"),
+     "S-O-L∞ column are not on this benchmark: see mnist-li-findings.md (benchmarks/mnist-li.toml)"),
     ("One-step examples transfer more than iterative ones; transfer rises with eps", "Kurakin et al. (002) Tables 4, 6, Fig. 2",
      "ImageNet, Inception v3 A/B/C/D", "no transfer matrix between independently trained models on this benchmark"),
-    ("Adversarially trained models get more robust with width; natural ones have an optimum", "Kurakin et al. (002) Sec. 4.3",
-     "ImageNet, width rho 0.5-2", "no width sweep on this benchmark"),
+    ("Adversarially trained models get more robust with width; natural ones have an optimum", CAPACITY_SOURCE,
+     "ImageNet, width rho 0.5-2", "no width sweep on this benchmark: see mnist-kurakin-findings.md "
+     "(benchmarks/mnist-kurakin.toml)"),
 )
 
 
-def not_measured() -> list[Finding]:
-    return [Finding(claim, source, paper, why, NOT_MEASURED, "—") for claim, source, paper, why in NOT_ON_THIS_BENCHMARK]
+def not_measured(*, measured: frozenset[str] = frozenset()) -> list[Finding]:
+    """The claims this benchmark cannot test, but for those whose source's table the board has (`measured`)."""
+    return [Finding(claim, source, paper, why, NOT_MEASURED, "—") for claim, source, paper, why in NOT_ON_THIS_BENCHMARK
+            if source not in measured]

@@ -16,10 +16,12 @@ from attacks_ext.label_leak import robust_feature_rows, robust_linear_hits
 from harness.figures import pyplot, save_figure
 from harness.registry import Family
 from harness.reports.aggregate import Leaderboard
-from harness.reports.claims import (NOT_MEASURED, NOT_REPRODUCED, NOT_RUN, PARTLY, REPRODUCED, Finding, _checked,
+from harness.reports.claims import (CAPACITY_SOURCE, CROSS_NORM_SOURCE, NOT_MEASURED, NOT_REPRODUCED, NOT_RUN, PARTLY, REPRODUCED, Finding, _checked,
                                     _column, _grade, _model, _names, _pct, _worst, kind, linf_training_fails_at_l2, label_leaking,
                                     leak_bound, not_measured, one_step_training_fails_iterative,
                                     perturbation_carries_label, second_order_beats_pgd, targeted_one_step_trains_best)
+from harness.reports.cross_norm import READING, cross_norm_findings, cross_norm_rows
+from harness.reports.kurakin import capacity_rows, kurakin_findings, render_capacity_figure, table5_rows
 from harness.reports.markdown import markdown_table
 from harness.statistics import ALPHA, mcnemar
 from harness.threat import Norm
@@ -188,7 +190,10 @@ def findings(board: Leaderboard) -> list[Finding]:
             perturbation_carries_label(board, "least-likely"), one_step_training_fails_iterative(board),
             targeted_one_step_trains_best(board), ls_gn_near_adversarial_training(board), noise_is_the_ingredient(board),
             linearization_underestimates(board), units_deactivated(board), *_sweeps(board), robust_feature_leakage(board),
-            second_order_beats_pgd(board), linf_training_fails_at_l2(board), *not_measured()]
+            second_order_beats_pgd(board), linf_training_fails_at_l2(board), *cross_norm_findings(board),
+            *kurakin_findings(board), *not_measured(measured=frozenset(
+                source for source, rows in ((CROSS_NORM_SOURCE, cross_norm_rows), (CAPACITY_SOURCE, capacity_rows))
+                if rows(board)))]
 
 
 def render_dead_units_figure(board: Leaderboard, path: Path) -> bool:
@@ -242,6 +247,31 @@ def render_findings(board: Leaderboard, out_dir: Path, *, command: str, commit: 
         markdown_table(table),
         "",
     ]
+    cross_norm = cross_norm_rows(board)
+    if cross_norm:
+        lines += ["## The cross-norm table (Li et al. Table 1)", "",
+                  "Each training method under PGD and S-O at L∞ and at L2, **each attack's own accuracy on every test "
+                  "digit** (the columns the benchmark marks `standalone`), then **Worst**: the per-example worst case "
+                  "of every column of that norm, the strongest attacks of the quick board included (they run on what "
+                  "the four left). **Paper**: Li et al.'s MNIST numbers (Madry's CNN, full MNIST); " + READING + ". "
+                  "The paper's L2 bound was lost too: L2 2.0 is our choice.", "",
+                  markdown_table(pd.DataFrame(cross_norm), digits=1), ""]
+    table5 = table5_rows(board)
+    if table5:
+        lines += ["## One-step adversaries for adversarial training (Kurakin et al. Table 5)", "",
+                  "Each row trained with Algorithm 1 and the named one-step adversary (or none); accuracy on each "
+                  "column's adversarial images over every test digit, clean-misclassified ones included, as the paper "
+                  "counts it. The paper's row for the same adversary is beside ours (ImageNet, eps of 255).", "",
+                  markdown_table(pd.DataFrame(table5), digits=1), ""]
+    capacity = capacity_rows(board)
+    if capacity:
+        figure = Path("figures") / f"{board.spec.name}-capacity.png"
+        render_capacity_figure(board, capacity, out_dir / figure)
+        lines += ["## Model capacity (Kurakin et al. Sec. 4.3)", "",
+                  f"Accuracy ratio adversarial / clean at L∞ {board.spec.rank_by[1]:g} (the rank-by eps) per width; "
+                  "above 1 the attack helps the model (label leaking).", "",
+                  markdown_table(pd.DataFrame(capacity), digits=3), "",
+                  f"![accuracy ratio against width]({figure.as_posix()})", ""]
     linear = linearized_rows(board)
     if linear:
         lines += ["## Linearized vs empirical robustness (Shafahi et al. Table 1)", "",
