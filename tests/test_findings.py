@@ -258,6 +258,9 @@ def test_the_cross_norm_table_and_its_claims_follow_the_stored_vectors(tmp_path,
     fix = "Ensemble adversarial training and ATDA partly fix the cross-norm collapse of L∞ training"
     assert (rows[mixed]["Verdict"], rows[fix]["Verdict"]) == ("reproduced", "partly")
     assert not any(claim.startswith("The cross-norm table") for claim in rows)  # the table is on this board
+    leaderboard = (board.parent / "tiny.md").read_text()  # says which cascade columns hold their own accuracy
+    assert "pgd, so-linf, pgd-l2, so-l2 are marked standalone and ran on every example" in leaderboard
+    assert "| last | pgd-linf | steps=3 | L∞ | 0.3 | survivors |" in " ".join(leaderboard.split())
 
     shares.update({("mixed-norm-at", "so-l2"): 0.9, ("mixed-norm-at", "pgd-l2"): 0.9, ("atda", "pgd-l2"): 0.7,
                    ("atda", "so-l2"): 0.7, ("pgd-at-l2", "so-linf"): 0.6, ("pgd-at", "so-l2"): 0.3})

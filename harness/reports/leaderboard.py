@@ -57,12 +57,14 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
         lines += ["## Training-seed spread", "", seed_spread_note(rank_column), "",
                   _markdown(seed_spread_frame(board.seeds, rank_column)), ""]
     if spec.cascade:
-        every = [a.label for a in spec.attacks if runs_on_every_example(spec, a)]
+        twins = [a.label for a in spec.attacks if a.label in spec.label_leak_columns]
+        standalone = [a.label for a in spec.attacks if a.standalone and a.label not in spec.label_leak_columns]
+        every = ((f"{', '.join(twins)} ran on every example (the label-leak twins need them all). " if twins else "")
+                 + (f"{', '.join(standalone)} are marked standalone and ran on every example. " if standalone else ""))
         lines += ["The attack tables below ran as a **cascade**: at each eps the columns ran left to right, and each "
                   "attacked only the examples that the clean evaluation and every column to its left left standing, "
                   "so its number is the accuracy left after it and all of them (the last column at an eps is the "
-                  "worst case). " + (f"{', '.join(every)} ran on every example (the label-leak twins need them all), "
-                                     "so theirs are the attacks' own accuracies. " if every else "")
+                  "worst case). " + (every + "Theirs are the attacks' own accuracies. " if every else "")
                   + "The worst case equals that of every attack on every example: attack randomness depends only "
                   "on the example, not on which examples share a batch.", ""]
     for norm, frame in board.details.items():
