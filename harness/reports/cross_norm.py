@@ -6,13 +6,12 @@ from __future__ import annotations
 import numpy as np
 
 from harness.reports.aggregate import Leaderboard
-from harness.reports.claims import (NOT_MEASURED, NOT_RUN, NOT_REPRODUCED, PARTLY, REPRODUCED, Finding, _names, _pct,
-                                    _worst, kind, standalone_column)
+from harness.reports.claims import (CROSS_NORM_SOURCE as SOURCE, NOT_MEASURED, NOT_RUN, NOT_REPRODUCED, PARTLY,
+                                    REPRODUCED, Finding, _names, _pct, _worst, kind, standalone_column)
 from harness.spec import DefenseSpec
 from harness.statistics import ALPHA, mcnemar
 from harness.threat import Norm
 
-SOURCE = "Li et al. (004) Table 1"
 COLUMNS = (("pgd-linf", Norm.LINF, "PGD-L∞"), ("so-linf", Norm.LINF, "S-O-L∞"), ("pgd-l2", Norm.L2, "PGD-L2"),
            ("so-l2", Norm.L2, "S-O-L2"))
 # The paper's MNIST numbers: (clean, PGD-L∞, PGD-L2, S-O-L∞, S-O-L2). The extraction lost the table's norm symbols;

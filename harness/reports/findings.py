@@ -16,8 +16,8 @@ from attacks_ext.label_leak import robust_feature_rows, robust_linear_hits
 from harness.figures import pyplot, save_figure
 from harness.registry import Family
 from harness.reports.aggregate import Leaderboard
-from harness.reports.claims import (CAPACITY_SOURCE, CROSS_NORM_SOURCE, NOT_MEASURED, NOT_REPRODUCED, NOT_RUN, PARTLY, REPRODUCED, Finding, _checked,
-                                    _column, _grade, _model, _names, _pct, _worst, kind, linf_training_fails_at_l2, label_leaking,
+from harness.reports.claims import (CAPACITY_SOURCE, CROSS_NORM_SOURCE, NOT_MEASURED, NOT_REPRODUCED, NOT_RUN, PARTLY,
+                                    REPRODUCED, Finding, _checked, _column, _grade, _model, _names, _pct, _worst, kind, linf_training_fails_at_l2, label_leaking,
                                     leak_bound, not_measured, one_step_training_fails_iterative,
                                     perturbation_carries_label, second_order_beats_pgd, targeted_one_step_trains_best)
 from harness.reports.cross_norm import READING, cross_norm_findings, cross_norm_rows

@@ -64,12 +64,16 @@ def capacity_rows(board: Leaderboard) -> list[dict]:
     """Per training (natural, step-l.l.-trained) and width: clean accuracy and the accuracy ratio of each column of
     Fig. 1's attacks at the rank-by eps. Empty unless both trainings come in at least three widths."""
     eps = board.spec.rank_by[1]
-    groups: dict[str, list] = {}
+    sweeps: dict[tuple, list] = {}  # (training, architecture, activation): one width sweep
     for defense in board.spec.defenses:
-        training = kind(defense)
-        if defense.recipe is not None and (training == "natural" or defense.recipe.adversary == "step-ll"):
-            groups.setdefault("natural" if training == "natural" else "step l.l.", []).append(defense)
-    if len(groups) < 2 or any(len({d.recipe.width for d in group}) < 3 for group in groups.values()):
+        training, r = kind(defense), defense.recipe
+        if r is not None and (training == "natural" or (training == "one-step" and r.adversary == "step-ll")):
+            sweeps.setdefault(("natural" if training == "natural" else "step l.l.", r.model, r.activation), []).append(defense)
+    groups: dict[str, list] = {}
+    for (training, _, _), group in sweeps.items():  # per training, the first sweep of three or more widths
+        if len({d.recipe.width for d in group}) >= 3:
+            groups.setdefault(training, group)
+    if len(groups) < 2:
         return []
     rows = []
     for training, group in groups.items():
