@@ -131,31 +131,13 @@ class Recipe:
             self._fail(f"eps_sigma must be > 0 (or absent for a fixed eps), got {self.eps_sigma!r}")
         # Only our own attacks take per-example eps, which is also why library adapters are not training code.
         if self.adversary is not None:
-            factory = ATTACKS.get(self.adversary)
-            try:
-                check_keywords(factory, dict(self.adversary_options), f"adversary {self.adversary!r}")
-            except ValueError as error:
-                self._fail(f"adversary_options: {error}")
-            attack = factory(**dict(self.adversary_options))
-            if not attack.per_example_eps:
-                self._fail(f"adversary {self.adversary!r} takes one eps per batch; training needs one of our own "
-                           "attacks (per-example eps)")
-            self._check_budget("eps", self.eps, attack.norm)
+            self._check_budget("eps", self.eps, self._training_attack("adversary").norm)
         elif self.adversary_options:
             self._fail("adversary_options given without an adversary")
         if self.mixed_adversary is not None:
             if self.adversary is None:
                 self._fail("mixed_adversary alternates with adversary, which is missing")
-            mixed_factory = ATTACKS.get(self.mixed_adversary)
-            try:  # the same options as the adversary (both are PGD: steps, step size), so both halves get one budget
-                check_keywords(mixed_factory, dict(self.adversary_options), f"mixed_adversary {self.mixed_adversary!r}")
-            except ValueError as error:
-                self._fail(f"adversary_options: {error}")
-            mixed = mixed_factory(**dict(self.adversary_options))
-            if not mixed.per_example_eps:
-                self._fail(f"mixed_adversary {self.mixed_adversary!r} takes one eps per batch; training needs one of "
-                           "our own attacks (per-example eps)")
-            self._check_budget("mixed_eps", self.mixed_eps, mixed.norm)
+            self._check_budget("mixed_eps", self.mixed_eps, self._training_attack("mixed_adversary").norm)
         crafted = {"trades": "Linf examples", "atda": "FGSM examples of every clean one"}.get(self.loss)
         if crafted and (self.adversary is not None or self.eps <= 0 or self.eps > 1):
             self._fail(f"loss {self.loss!r} crafts its own {crafted}: give eps in (0, 1] and no adversary")
@@ -163,6 +145,21 @@ class Recipe:
             self._fail("ensemble_sources craft adversarial examples, but no adversary is set")
         if self.overfit_guard != "off" and self.adversary is None and self.loss == "ce":
             self._fail("overfit_guard watches adversarial training; this recipe has no adversary")
+
+    def _training_attack(self, key: str):
+        """The attack `key` (adversary or mixed_adversary) names, built with adversary_options: both take the same
+        options (both are PGD for mixed training: steps, step size), so both halves get one budget."""
+        attack_id = getattr(self, key)
+        factory = ATTACKS.get(attack_id)
+        try:
+            check_keywords(factory, dict(self.adversary_options), f"{key} {attack_id!r}")
+        except ValueError as error:
+            self._fail(f"adversary_options: {error}")
+        attack = factory(**dict(self.adversary_options))
+        if not attack.per_example_eps:
+            self._fail(f"{key} {attack_id!r} takes one eps per batch; training needs one of our own attacks "
+                       "(per-example eps)")
+        return attack
 
     def _check_budget(self, key: str, value: float, norm: Norm):
         if value <= 0:

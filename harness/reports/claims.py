@@ -14,7 +14,7 @@ from harness.planning import runs_on_every_example
 from harness.registry import ATTACKS, Family
 from harness.reports.aggregate import Leaderboard
 from harness.reports.label_leak import label_leak_frame
-from harness.spec import DefenseSpec
+from harness.spec import AttackSpec, DefenseSpec
 from harness.statistics import ALPHA, mcnemar
 from harness.threat import Norm
 
@@ -79,15 +79,26 @@ def _column(board: Leaderboard, name: str, family: Family, norm: Norm, eps: floa
     return None
 
 
+def own_accuracy_columns(spec, attack_ids: tuple[str, ...] | None = None) -> list[AttackSpec]:
+    """The white-box columns (of `attack_ids`) that attacked every example: their vectors are the attacks' own
+    accuracies, where a cascade's other columns hold what the chain left."""
+    return [a for a in spec.attacks if a.source is None and runs_on_every_example(spec, a)
+            and (attack_ids is None or a.attack_id in attack_ids)]
+
+
 def standalone_column(board: Leaderboard, name: str, attack_id: str, eps: float) -> tuple[str, np.ndarray | None] | None:
-    """The first white-box column of `attack_id` at `eps` that attacked every example (its own accuracy, not what a
-    cascade left): (label, robust vector; None while its cell is missing); None when the board has no such column."""
-    for attack in board.spec.attacks:
-        if attack.attack_id == attack_id and attack.source is None and eps in attack.eps and runs_on_every_example(
-                board.spec, attack):
+    """The first own-accuracy column of `attack_id` at `eps`: (label, robust vector; None while its cell is missing);
+    None when the board has no such column."""
+    for attack in own_accuracy_columns(board.spec, (attack_id,)):
+        if eps in attack.eps:
             record = board.outcomes.get((name, attack.label, eps))
             return attack.label, None if record is None else record.robust_correct
     return None
+
+
+def clean_percent(board: Leaderboard, name: str) -> float | None:
+    clean = board.vectors.get(name, {}).get("Clean")
+    return None if clean is None else _pct(clean)
 
 
 def _model(board: Leaderboard, name: str) -> str:

@@ -7,7 +7,8 @@ import numpy as np
 
 from harness.reports.aggregate import Leaderboard
 from harness.reports.claims import (CROSS_NORM_SOURCE as SOURCE, NOT_MEASURED, NOT_RUN, NOT_REPRODUCED, PARTLY,
-                                    REPRODUCED, Finding, _names, _pct, _worst, kind, standalone_column)
+                                    REPRODUCED, Finding, _names, _pct, _worst, clean_percent, kind,
+                                    own_accuracy_columns, standalone_column)
 from harness.spec import DefenseSpec
 from harness.statistics import ALPHA, mcnemar
 from harness.threat import Norm
@@ -55,8 +56,8 @@ def cross_norm_rows(board: Leaderboard) -> list[dict]:
     """One row per Table 1 defense: clean, the four attacks' own accuracies, our worst case per norm, the paper's.
     Empty when the board lacks one of the four columns (every example, at the largest eps of each norm)."""
     threats = _threats(board)
-    if len(threats) < 2 or any(standalone_column(board, "", attack_id, threats[norm]) is None
-                               for attack_id, norm, _ in COLUMNS):
+    present = {(a.attack_id, eps) for a in own_accuracy_columns(board.spec) for eps in a.eps}
+    if len(threats) < 2 or any((attack_id, threats[norm]) not in present for attack_id, norm, _ in COLUMNS):
         return []
     rows = []
     for defense in board.spec.defenses:
@@ -64,9 +65,8 @@ def cross_norm_rows(board: Leaderboard) -> list[dict]:
         if trained is None:
             continue
         name = defense.name
-        clean = board.vectors.get(name, {}).get("Clean")
         row = {"Defense": name, "Trained with": PAPER[trained][0] if trained in PAPER else "natural",
-               "Clean": None if clean is None else _pct(clean)}
+               "Clean": clean_percent(board, name)}
         for norm, eps in threats.items():
             for attack_id, column_norm, label in COLUMNS:
                 if column_norm is norm:

@@ -9,10 +9,9 @@ from pathlib import Path
 import numpy as np
 
 from harness.figures import pyplot, save_figure
-from harness.planning import runs_on_every_example
 from harness.reports.aggregate import Leaderboard
 from harness.reports.claims import (CAPACITY_SOURCE, NOT_MEASURED, NOT_REPRODUCED, NOT_RUN, PARTLY, REPRODUCED, Finding,
-                                    kind)
+                                    clean_percent, kind, own_accuracy_columns)
 # Table 5 (ImageNet, Inception v3 after 90k steps): clean, then FGSM at eps 2, 4, 8, 16 (of 255); the fast-grad
 # rows were evaluated with step l.l. By the adversary of Algorithm 1 (None: no adversarial training).
 CAPACITY_ATTACKS = ("step-ll", "iter-basic", "iter-ll")  # Fig. 1's: one-step first, then the iterative ones
@@ -32,15 +31,7 @@ def _accuracy(board: Leaderboard, name: str, label: str, eps: float) -> float | 
 
 
 def _columns(board: Leaderboard, attack_ids: tuple[str, ...] | None = None) -> list[tuple[str, float]]:
-    """(label, eps) of the white-box columns (of `attack_ids`) that attacked every example: a cascade's others hold
-    what the chain left."""
-    return [(a.label, eps) for a in board.spec.attacks if a.source is None and runs_on_every_example(board.spec, a)
-            and (attack_ids is None or a.attack_id in attack_ids) for eps in a.eps]
-
-
-def _clean(board: Leaderboard, name: str) -> float | None:
-    clean = board.vectors.get(name, {}).get("Clean")
-    return None if clean is None else 100 * float(np.mean(clean))
+    return [(a.label, eps) for a in own_accuracy_columns(board.spec, attack_ids) for eps in a.eps]
 
 
 def table5_rows(board: Leaderboard) -> list[dict]:
@@ -53,7 +44,7 @@ def table5_rows(board: Leaderboard) -> list[dict]:
     rows = []
     for defense in defenses:
         paper = PAPER_TABLE5[defense.recipe.adversary]
-        row = {"Defense": defense.name, "Adversary": defense.recipe.adversary or "none", "Clean": _clean(board, defense.name)}
+        row = {"Defense": defense.name, "Adversary": defense.recipe.adversary or "none", "Clean": clean_percent(board, defense.name)}
         row.update({f"{label} {eps:g}": _accuracy(board, defense.name, label, eps) for label, eps in _columns(board)})
         row["Paper: clean / FGSM 2, 4, 8, 16"] = f"{paper[0]:.1f} / " + ", ".join(f"{v:.1f}" for v in paper[1:])
         rows.append(row)
@@ -78,7 +69,7 @@ def capacity_rows(board: Leaderboard) -> list[dict]:
     rows = []
     for training, group in groups.items():
         for defense in sorted(group, key=lambda d: d.recipe.width):
-            clean = _clean(board, defense.name)
+            clean = clean_percent(board, defense.name)
             row = {"Defense": defense.name, "Training": training, "Width": defense.recipe.width, "Clean": clean}
             for label, at in _columns(board, CAPACITY_ATTACKS):
                 if at == eps:
