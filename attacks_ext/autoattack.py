@@ -12,6 +12,7 @@ FAB-T run 10 steps instead of 100 (`ta-autoattack`, `-l2`).
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 import logging
 
@@ -60,41 +61,70 @@ def torchattacks_apgd_dlr_l2(*, steps: int = 100, restarts: int = 1) -> Attack:
     return _apgd("ta-apgd-dlr-l2", Norm.L2, steps, restarts, loss="dlr")
 
 
-def _targets(targets, classes: int) -> int:
+def _targets(targets, classes: int, first_target: int = 1) -> int:
     """At most classes - 1 target classes exist; torchattacks would index past the logits otherwise."""
-    return min(targets, classes - 1)
+    if first_target > classes - 1:
+        raise ValueError(f"first_target {first_target} leaves no class to target: the model has {classes} classes, "
+                         f"so first_target is at most {classes - 1}")
+    return min(targets, classes - first_target)
 
 
-def _targeted(name: str, norm: Norm, steps: int, targets: int, make) -> Attack:
-    """A torchattacks attack that goes through the `targets` highest wrong classes in turn;
-    `make(model, eps, steps, seed, classes)` builds it for one call."""
+def _targeted(name: str, norm: Norm, steps: int, targets: int, make, first_target: int = 1) -> Attack:
+    """A torchattacks attack that goes through `targets` wrong classes in turn, from the `first_target`-th highest
+    (1: the highest); `make(model, eps, steps, seed, classes)` builds it for one call."""
     steps, targets = _positive_int(steps, "steps"), _positive_int(targets, "targets")
+    first_target = _positive_int(first_target, "first_target")
 
     def build(model, eps, seed, *, classes):
         attack = make(model, eps, steps, seed, classes)
-        attack.n_target_classes = _targets(targets, classes)  # the constructors fix it at classes - 1
+        attack.n_target_classes = _targets(targets, classes, first_target)  # the constructors fix it at classes - 1
+        if first_target > 1:
+            attack.first_target = first_target
         return attack
 
     return TorchattacksAttack(name, norm, build, needs_classes=True)
 
 
-def _apgd_targeted(name: str, norm: Norm, steps: int, targets: int) -> Attack:
+@functools.cache
+def _apgd_targeted_class():
+    """torchattacks' APGD-T starting at any target rank. The library always starts at the highest wrong class, so
+    a column that goes on to the targets an earlier column did not try (on a label-smoothed model the clean
+    ranking of the wrong classes says little) needs this offset."""
     import torchattacks
 
-    return _targeted(name, norm, steps, targets, lambda model, eps, steps, seed, classes: torchattacks.APGDT(
-        model, norm=LIBRARY_NORMS[norm], eps=eps, steps=steps, n_restarts=1, n_classes=classes, seed=seed))
+    class APGDTFrom(torchattacks.APGDT):
+        first_target = 1
+
+        def attack_single_run(self, x, y):
+            # The library's loop sets target_class = 2, 3, ...: the target's rank among all classes (1 = the label).
+            offset = self.first_target - 1
+            self.target_class += offset
+            try:
+                return super().attack_single_run(x, y)
+            finally:
+                self.target_class -= offset
+
+    return APGDTFrom
+
+
+def _apgd_targeted(name: str, norm: Norm, steps: int, targets: int, first_target: int) -> Attack:
+    return _targeted(name, norm, steps, targets, lambda model, eps, steps, seed, classes: _apgd_targeted_class()(
+        model, norm=LIBRARY_NORMS[norm], eps=eps, steps=steps, n_restarts=1, n_classes=classes, seed=seed),
+        first_target)
 
 
 @ATTACKS.register("ta-apgd-t", norm="linf", family="iterative", library="torchattacks")
-def torchattacks_apgd_targeted(*, steps: int = 100, targets: int = 9) -> Attack:
-    """torchattacks APGD-T, Linf: targeted DLR towards the `targets` highest wrong classes in turn (AutoAttack: 9 x 100)."""
-    return _apgd_targeted("ta-apgd-t", Norm.LINF, steps, targets)
+def torchattacks_apgd_targeted(*, steps: int = 100, targets: int = 9, first_target: int = 1) -> Attack:
+    """torchattacks APGD-T, Linf: targeted DLR towards `targets` wrong classes in turn, from the `first_target`-th
+    highest (AutoAttack: 9 x 100 from the highest)."""
+    return _apgd_targeted("ta-apgd-t", Norm.LINF, steps, targets, first_target)
 
 
 @ATTACKS.register("ta-apgd-t-l2", norm="l2", family="iterative", library="torchattacks")
-def torchattacks_apgd_targeted_l2(*, steps: int = 100, targets: int = 9) -> Attack:
-    """torchattacks APGD-T, L2: targeted DLR towards the `targets` highest wrong classes in turn (AutoAttack: 9 x 100)."""
-    return _apgd_targeted("ta-apgd-t-l2", Norm.L2, steps, targets)
+def torchattacks_apgd_targeted_l2(*, steps: int = 100, targets: int = 9, first_target: int = 1) -> Attack:
+    """torchattacks APGD-T, L2: targeted DLR towards `targets` wrong classes in turn, from the `first_target`-th
+    highest (AutoAttack: 9 x 100 from the highest)."""
+    return _apgd_targeted("ta-apgd-t-l2", Norm.L2, steps, targets, first_target)
 
 
 def _fab_targeted(name: str, norm: Norm, steps: int, targets: int) -> Attack:

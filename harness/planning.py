@@ -30,7 +30,7 @@ def runs_on_every_example(spec: BenchmarkSpec, attack: AttackSpec) -> bool:
 
 def _same_draws(attack: AttackSpec, eps: float) -> tuple:
     """What decides an attack cell's seed and outcome per example, apart from the examples it runs on."""
-    return attack.attack_id, tuple(sorted(attack.options)), attack.norm.value, eps
+    return attack.attack_id, tuple(sorted(attack.options)), attack.norm.value, eps, attack.restart
 
 
 def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
@@ -62,7 +62,8 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                 chain = chains.setdefault((attack.norm.value, eps), [clean.key])
                 after = () if runs_on_every_example(spec, attack) else tuple(chain)
                 source = None if attack.source is None else (attack.source, keys[attack.source])
-                cell = _cell(spec, data, defense.name, model_key, attack, eps, source=source, after=after)
+                cell = _cell(spec, data, defense.name, model_key, attack, eps, source=source, after=after,
+                             restart=attack.restart)
                 cells.append(cell)
                 chain.append(cell.key)
                 if attack.family in WHITE_BOX:

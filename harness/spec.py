@@ -9,7 +9,8 @@ Every error names the file and the TOML key that is wrong, and what is allowed t
                   or factory = "pkg.module:function", weights = "file.safetensors", options = {...}
     [attacks.ID]  attack = "<ATTACKS id>" + the attack's options, optional eps = [...] (a subset of the grid),
                   optional source = "<defense>" (a transfer column: crafted on that defense's model),
-                  optional standalone = true (in a cascade, runs on every example: the attack's own accuracy)
+                  optional standalone = true (in a cascade, runs on every example: the attack's own accuracy),
+                  optional restart = k (k > 0: the same attack from new random draws; 0, the default, is the first)
     [checks.ID]   a sanity check by its CHECKS id + the check's options (`python -m harness list checks`)
     [label_leak]  pairs = [["<true-label column>", "<label-free twin column>"], ...], perturbation_probe = true,
                   robust_features = { source = "<defense>", ... } (Ilyas et al.'s D_rand / D_det, Goh's bound)
@@ -173,10 +174,13 @@ def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ..
         factory = ATTACKS.get(attack_id)
     except KeyError as error:
         _fail(path, f"{key}.attack", str(error))
-    options = {k: v for k, v in table.items() if k not in ("attack", "eps", "source", "standalone")}
+    options = {k: v for k, v in table.items() if k not in ("attack", "eps", "source", "standalone", "restart")}
     standalone = table.get("standalone", False)
     if not isinstance(standalone, bool):
         _fail(path, f"{key}.standalone", f"must be true or false, got {standalone!r}")
+    restart = table.get("restart", 0)
+    if not isinstance(restart, int) or isinstance(restart, bool) or restart < 0:
+        _fail(path, f"{key}.restart", f"must be a non-negative integer (0 = the first draw), got {restart!r}")
     _check_options(path, key, attack_id, factory, options)
     try:
         factory(**options)  # built once so the attack checks its own options here, with the key in the message
@@ -198,7 +202,7 @@ def _load_attack(path, label: str, table: dict, grid: dict[Norm, tuple[float, ..
     if off_grid:
         _fail(path, f"{key}.eps", f"{', '.join(f'{e:g}' for e in off_grid)} not on the [eps] {norm.value} grid "
                                   f"({', '.join(f'{e:g}' for e in grid[norm])}): a column's eps must be a subset of it")
-    return AttackSpec(label, attack_id, tuple(sorted(options.items())), norm, eps, source, standalone)
+    return AttackSpec(label, attack_id, tuple(sorted(options.items())), norm, eps, source, standalone, restart)
 
 
 def _load_findings(path, table) -> bool:

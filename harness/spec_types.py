@@ -46,6 +46,7 @@ class AttackSpec:
     eps: tuple[float, ...]
     source: str | None = None  # a transfer (black-box) column: examples crafted on this defense's model
     standalone: bool = False  # in a cascade, runs on every example anyway: its column is the attack's own accuracy
+    restart: int = 0  # > 0: the same attack from other random draws (a second start on what the first one left)
 
     @property
     def family(self) -> str:

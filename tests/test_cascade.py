@@ -289,3 +289,23 @@ def test_a_standalone_column_attacks_every_example_and_the_chain_goes_on_after_i
     path.write_text(CASCADE_SPEC.format(cascade="true").replace('attack = "so-linf"', 'attack = "so-linf"\nstandalone = 1'))
     with pytest.raises(spec_module.SpecError, match=r"attacks\.so\.standalone.*true or false"):
         spec_module.load(path)
+
+
+def test_a_restart_column_is_the_same_attack_from_new_draws_on_what_the_first_left(tmp_path, mnist, natural_model):
+    """`restart = k` repeats a column's attack from other random starts (AutoAttack-style restarts, as a column of
+    its own): a new seed, the survivors of the first draw as its examples, and adversarial points that differ."""
+    path = tmp_path / "spec.toml"
+    second = '[attacks.pgd-again]\nattack = "pgd-linf"\nsteps = 10\nrestart = 1\n\n[attacks.so]'
+    path.write_text(CASCADE_SPEC.format(cascade="true").replace("[attacks.so]", second))
+    spec = spec_module.load(path)
+    cells = {(c.label, c.eps): c for c in plan(spec, mnist) if c.check is None}
+    first, again = cells[("pgd", 0.15)], cells[("pgd-again", 0.15)]
+    assert again.seed != first.seed and first.key in again.after
+    x, y = mnist.x_test[:20], mnist.y_test[:20]
+    starts = [first.attack.build()(natural_model, x, y, eps=0.15, generator=ExampleRandomness(cell.seed, range(20)))
+              for cell in (first, again)]
+    assert (starts[0] - starts[1]).flatten(1).abs().amax(1).min() > 0  # every example moved differently
+    for bad in ("-1", "true", "1.5"):
+        path.write_text(CASCADE_SPEC.format(cascade="true").replace("[attacks.so]", second.replace("restart = 1", f"restart = {bad}")))
+        with pytest.raises(spec_module.SpecError, match=r"attacks\.pgd-again\.restart.*non-negative integer"):
+            spec_module.load(path)

@@ -174,3 +174,45 @@ def test_the_path_recorder_sees_apgd_and_a_fooled_point(natural_model, mnist):
     broken = out["clean_correct"] & ~out["library_correct"]
     assert broken.sum() > 10 and out["library_fooled_on_path"][broken].all()  # what it returned, it saw
     assert (np.diff(out["best_loss"], axis=1) >= 0).all()
+
+
+class _RankedLogits(torch.nn.Module):
+    """z_k = b_k + x_k on a 10-pixel input: the clean point ranks the wrong classes 1, 2, ..., 9 by their biases."""
+
+    def forward(self, x):
+        return torch.arange(5.0, -5.0, -1.0) + x.flatten(1)
+
+
+@pytest.mark.parametrize("first_target, targets, expected", [(1, 2, {1, 2}), (5, 2, {5, 6}), (8, 5, {8, 9})])
+def test_targeted_apgd_goes_through_the_wrong_classes_from_the_first_target_rank(monkeypatch, first_target, targets,
+                                                                                 expected):
+    """A second targeted column goes on to the targets the first did not try: with first_target k, APGD-T aims at
+    the k-th highest wrong class of the clean input and the ones below it, as many as exist (none is robust-breaking
+    here: eps 0.01 cannot move a logit by the 1.0 between them, so every target runs)."""
+    import torchattacks
+    from harness.registry import ATTACKS
+    from attacks_ext.base import ExampleRandomness
+
+    aimed = set()
+    library_loss = torchattacks.APGDT.dlr_loss_targeted
+
+    def recording(self, logits, y, y_target):
+        aimed.update(y_target.tolist())
+        return library_loss(self, logits, y, y_target)
+
+    monkeypatch.setattr(torchattacks.APGDT, "dlr_loss_targeted", recording)
+    x, y = torch.zeros(4, 1, 1, 10), torch.zeros(4, dtype=torch.long)
+    attack = ATTACKS.get("ta-apgd-t-l2")(steps=5, targets=targets, first_target=first_target)
+    x_adv = attack.run(_RankedLogits(), x, y, eps=0.01, rng=ExampleRandomness(0, torch.arange(4)))
+    assert aimed == expected
+    assert (_RankedLogits()(x_adv).argmax(1) == 0).all()
+
+
+def test_a_first_target_past_the_wrong_classes_is_an_error_naming_the_limit():
+    from harness.registry import ATTACKS
+    from attacks_ext.base import ExampleRandomness
+
+    attack = ATTACKS.get("ta-apgd-t")(steps=5, targets=3, first_target=10)
+    with pytest.raises(ValueError, match="first_target is at most 9"):
+        attack.run(_RankedLogits(), torch.zeros(2, 1, 1, 10), torch.zeros(2, dtype=torch.long), eps=0.3,
+                   rng=ExampleRandomness(0, torch.arange(2)))

@@ -65,8 +65,9 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
                   "attacked only the examples that the clean evaluation and every column to its left left standing, "
                   "so its number is the accuracy left after it and all of them (the last column at an eps is the "
                   "worst case). " + (every + "Theirs are the attacks' own accuracies. " if every else "")
-                  + "The worst case equals that of every attack on every example: attack randomness depends only "
-                  "on the example, not on which examples share a batch.", ""]
+                  + "For our own attacks the worst case equals that of every attack on every example, since their "
+                  "random draws depend only on the example; a library attack (torchattacks, ART) draws for its whole "
+                  "batch, so its draws depend on which examples the columns before it left.", ""]
     for norm, frame in board.details.items():
         lines += [f"## {norm.symbol} attacks", "", _markdown(with_intervals(frame, spec.eval_examples), intervals=False), ""]
     lines += [interval_footnote(spec.eval_examples), ""]
@@ -74,7 +75,8 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
     lines += ["## Attacks", ""]
     attacks = pd.DataFrame([
         {"Column": a.label, "Attack": a.attack_id + ("" if a.source is None else f" (transfer from {a.source})"),
-         "Options": ", ".join(f"{k}={v}" for k, v in a.options) or "defaults",
+         "Options": ", ".join([f"{k}={v}" for k, v in a.options] + ([f"restart={a.restart}"] if a.restart else []))
+                    or "defaults",
          "Norm": a.norm.symbol, "eps": ", ".join(f"{e:g}" for e in a.eps),
          **({"Runs on": "every example" if runs_on_every_example(spec, a) else "survivors"} if spec.cascade else {})}
         for a in (cascade_order(spec) if spec.cascade else spec.attacks)
