@@ -8,9 +8,11 @@ cell, so an interrupted run resumes where it stopped.
 Cascade (`[benchmark] cascade = true`): at each (defense, norm, eps) the attack columns run in a chain, and
 each attacks only the examples that the clean evaluation and every earlier column of the chain left
 correctly classified; its stored vector is then the accuracy left after it and every column before it.
-Examples the chain skips are broken already, so the per-example worst case is the same as with every attack
-on every example: attack randomness depends only on (cell seed, example index), and the cell seed does not
-depend on the chain. Iterative attacks of our own also stop per example at the first misclassified iterate.
+Examples the chain skips are broken already, so for our own attacks the per-example worst case is the same as
+with every attack on every example: their randomness depends only on (cell seed, example index), and the cell
+seed does not depend on the chain. Library attacks (torchattacks, ART) draw for the whole batch from one seed
+(`ExampleRandomness.library_seed`), so their draws, though reproducible, depend on which examples the chain left.
+Iterative attacks of our own also stop per example at the first misclassified iterate.
 """
 from __future__ import annotations
 
