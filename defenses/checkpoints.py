@@ -50,6 +50,16 @@ def file_sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
+def weights_digest(path: Path) -> str:
+    """sha256 of a safetensors file's tensors (names, dtypes, shapes, values), not of its bytes: a checkpoint's
+    file carries its key in the metadata, so the same weights trained under another code version hash alike here."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(load_file(path).items()):
+        digest.update(f"{name}:{tensor.dtype}:{tuple(tensor.shape)}".encode())
+        digest.update(tensor.contiguous().view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()
+
+
 def _paths(cache_dir: Path, recipe: Recipe, key: str) -> tuple[Path, Path]:
     stem = cache_dir / f"{recipe.name}-{key}"
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")

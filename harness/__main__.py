@@ -77,7 +77,7 @@ def _parser() -> argparse.ArgumentParser:
                                "pgd-at, pgd-at-l2 at l2 2)")
     strength.add_argument("--json", type=Path, default=STRENGTH_JSON, help="where to write the result")
     strength.add_argument("--reuse", type=Path, default=None, metavar="JSON",
-                          help="an earlier strength-per-cost JSON: take its AutoAttack rows where checkpoint, examples, "
+                          help="an earlier strength-per-cost JSON: take its AutoAttack rows where the weights, examples, "
                                "threat, attack options, seed, device and library versions all match, instead of "
                                "rerunning them (the rows say so)")
     strength.add_argument("--home", type=Path, default=None, help="checkpoint cache folder's parent (default $HARNESS_HOME or ./.harness)")

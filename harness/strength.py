@@ -19,6 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from defenses.checkpoints import weights_digest
 from harness.data import Dataset, load_dataset
 from harness.cells import _cell
 from harness.evaluation import CellOutcome, CellRunner, evaluate_cell
@@ -89,11 +90,12 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
                  sum(done[c.key].forward_evals for c in chain), sum(done[c.key].gradient_evals for c in chain))]
 
     model = runner.model(defense)
+    weights = weights_digest(prepared[defense].weights)
     for label, attack_id, options in contenders if contenders is not None else default_contenders(norm):
         attack = AttackSpec(label, attack_id, tuple(sorted(options)), norm, (eps,))
         if attack.build().norm is not norm:
             raise ValueError(f"contender {attack_id!r} is not a {norm.value} attack")
-        identity = {"defense_key": clean.defense_key, "norm": norm.value, "eps": eps, "examples": int(len(clean_correct)),
+        identity = {"weights": weights, "norm": norm.value, "eps": eps, "examples": int(len(clean_correct)),
                     "seed": spec.seed, "device": str(device), "versions": library_versions()}
         earlier = reusable_row(reuse, identity, attack_id, attack.options)
         if earlier is not None:
@@ -113,6 +115,7 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
         row["missed_by_this"] = int((vector & ~ours).sum()) if row["label"] != OURS else None
     return {
         "benchmark": spec.name, "spec": str(spec.path), "defense": defense, "defense_key": clean.defense_key,
+        "weights": weights,
         "norm": norm.value, "eps": eps, "examples": int(len(ours)), "clean": 100 * float(clean_correct.mean()),
         "ours_columns": [c.attack.label for c in columns], "device": str(device), "versions": library_versions(),
         "commit": code_commit(), "seed": spec.seed,
@@ -121,8 +124,10 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
 
 
 def reusable_row(reuse: list[dict], identity: dict, attack_id: str, options: tuple) -> dict | None:
-    """The contender row of an earlier comparison with this identity (checkpoint key, norm, eps, examples, seed,
-    device, library versions), attack and options, marked as reused; None when there is none."""
+    """The contender row of an earlier comparison with this identity (the model's weights, norm, eps, examples,
+    seed, device, library versions), attack and options, marked as reused; None when there is none. The weights'
+    digest, not the checkpoint key: a code change that re-keys every checkpoint but trains the same bits leaves
+    AutoAttack's result as it was."""
     wanted = [list(option) for option in options]
     for comparison in reuse:
         if any(comparison.get(field) != value for field, value in identity.items()):

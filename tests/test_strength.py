@@ -68,11 +68,12 @@ def test_ours_is_the_per_example_worst_case_and_contenders_are_counted(tmp_path,
     assert f"| {ours['robust']:.2f} " in text and "### `natural`, L∞ 0.15" in text
     assert strength.load(strength.write(result, tmp_path / "one.json")) == [result]  # a single comparison reads too
 
-    # --reuse: a contender row of an earlier run on the same checkpoint, examples, threat, options and versions is
-    # taken as it was (a planted vector proves it was not rerun); a row from another checkpoint is rerun.
-    planted = {**result, "rows": [dict(row) for row in result["rows"]]}
+    # --reuse: a contender row of an earlier run on the same weights, examples, threat, options and versions is
+    # taken as it was (a planted vector proves it was not rerun), even where a code change re-keyed the checkpoint;
+    # a row from other weights is rerun.
+    planted = {**result, "rows": [dict(row) for row in result["rows"]], "defense_key": "key-before-a-code-change"}
     planted["rows"][1]["robust_vector"] = [not v for v in autoattack["robust_vector"]]
-    elsewhere = {**planted, "defense_key": "another-checkpoint"}
+    elsewhere = {**planted, "weights": "other-weights"}
     again = strength.compare(spec, defense="natural", norm=Norm.LINF, eps=0.15, cache_dir=tmp_path / "ckpt",
                              device=torch.device("cpu"), contenders=CONTENDERS, progress=False, data=mnist,
                              reuse=[elsewhere, planted])

@@ -127,3 +127,19 @@ def test_damaged_cache_is_reported_and_retrained(tiny_mnist, tmp_path, capsys, d
     again = obtain_checkpoint(recipe, tiny_mnist, seed=0, cache_dir=tmp_path, progress=False)
     assert "failed verification" in capsys.readouterr().err
     assert json.loads(again.weights.with_suffix(".json").read_text())["sha256"] == checkpoints.file_sha256(again.weights)
+
+
+def test_the_weights_digest_sees_the_tensors_not_the_file(tmp_path):
+    """strength-per-cost reuses AutoAttack's rows by this digest: the same weights saved under another checkpoint
+    key (file metadata) hash alike, and one changed value does not."""
+    from safetensors.torch import save_file
+
+    from defenses.checkpoints import weights_digest
+
+    state = {"layer.weight": torch.arange(6.0).reshape(2, 3), "layer.bias": torch.zeros(2)}
+    save_file(state, tmp_path / "a.safetensors", metadata={"key": "before"})
+    save_file(state, tmp_path / "b.safetensors", metadata={"key": "after"})
+    save_file({**state, "layer.bias": torch.tensor([0.0, 1e-7])}, tmp_path / "c.safetensors", metadata={"key": "before"})
+    assert (tmp_path / "a.safetensors").read_bytes() != (tmp_path / "b.safetensors").read_bytes()
+    assert weights_digest(tmp_path / "a.safetensors") == weights_digest(tmp_path / "b.safetensors")
+    assert weights_digest(tmp_path / "a.safetensors") != weights_digest(tmp_path / "c.safetensors")
