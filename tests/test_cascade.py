@@ -218,6 +218,21 @@ def test_the_cascade_gives_the_worst_case_of_every_attack_on_every_example(tmp_p
     assert spent(independent.costs) < independent.costs["Eval naive"].iloc[0]  # early stop alone saves
     markdown = leaderboard.render_markdown(cascaded, command="test", figure="f.png")
     assert "**cascade**" in markdown and "Model evaluations spent of naive" in markdown
+    # what each column broke first is the same with and without the cascade (only its cost differs), and at each
+    # (norm, eps) the columns' counts add up to the clean-correct examples the worst case does not keep
+    earned = [leaderboard.column_yield(board) for board in (cascaded, independent)]
+    assert earned[0]["Broken first"].tolist() == earned[1]["Broken first"].tolist()
+    assert (earned[0]["Model evaluations"] <= earned[1]["Model evaluations"]).all()
+    assert (earned[0]["Model evaluations"] < earned[1]["Model evaluations"]).any()
+    clean = cascaded.outcomes[("natural", "clean", 0.0)].clean_correct
+    for norm, grid in spec.eps:
+        for eps in grid:
+            labels = [a.label for a in spec.attacks if a.norm is norm and eps in a.eps]
+            worst = np.logical_and.reduce([cascaded.outcomes[("natural", label, eps)].robust_correct for label in labels])
+            rows = earned[0][(earned[0]["Norm"] == norm.symbol) & (earned[0]["eps"] == f"{eps:g}")]
+            assert sorted(rows["Column"]) == sorted(labels)
+            assert rows["Broken first"].sum() == clean.sum() - worst.sum() > 0
+    assert "What each column earned" in markdown
     # in a cascade the iterative-vs-one-step check runs its own standalone cells, so it cannot pass trivially
     verdict = cascaded.verdicts["natural"]["iterative-beats-one-step"]
     assert verdict.status is not None and "pgd" in verdict.figure

@@ -6,6 +6,7 @@ import datetime
 
 import pandas as pd
 
+from harness.cells import CLEAN
 from harness.planning import cascade_order, runs_on_every_example
 from harness.provenance import code_commit
 from harness.reports.aggregate import Leaderboard, _column, overall, board_file, passes_sanity
@@ -100,8 +101,42 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
               "attack on every example, run to the end, would have spent (forward + gradient evaluations): the "
               "saving of per-example early stop" + (" and of the cascade" if spec.cascade else "") + ".", "",
               _markdown(costs, digits=1), "", _spending(costs), ""]
+    lines += ["**What each column earned**, at each norm and eps in the order the columns run: the examples it broke "
+              "that no column before it had, summed over the defenses that pass their sanity checks, against the model "
+              "evaluations it spent on them (a transfer column's are its source's)" + (
+                  ", so a column late in the cascade pays only for what the others left" if spec.cascade else "") + ".",
+              "", _markdown(column_yield(board), digits=3), ""]
     lines += [f"Libraries: {versions}.", ""]
     return "\n".join(lines)
+
+
+def column_yield(board: Leaderboard) -> pd.DataFrame:
+    """Per attack column and eps, in cascade order: examples it broke first (over the defenses that pass their sanity
+    checks), the model evaluations it spent on them, broken per 1,000 evaluations, and seconds. Any column's vector
+    counts the same way, cascaded or on every example: what the columns before it left (their per-example AND) and
+    it did not. A column with a cell missing from the store is left out."""
+    spec = board.spec
+    names = [d.name for d in spec.defenses]
+    names = [name for name, ok in zip(names, passes_sanity(board.verdicts, names)) if ok]
+    rows = []
+    for norm, grid in spec.eps:
+        for eps in grid:
+            left = {name: board.outcomes.get((name, CLEAN, 0.0)) for name in names}
+            left = {name: None if record is None else record.clean_correct for name, record in left.items()}
+            for attack in cascade_order(spec):
+                if attack.norm is not norm or eps not in attack.eps:
+                    continue
+                records = {name: board.outcomes.get((name, attack.label, eps)) for name in names}
+                if any(record is None or left[name] is None for name, record in records.items()):
+                    left = dict.fromkeys(names)  # the chain's later counts would be wrong
+                    continue
+                broken = sum(int((left[name] & ~record.robust_correct).sum()) for name, record in records.items())
+                spent = sum(record.forward_evals + record.gradient_evals for record in records.values())
+                left = {name: left[name] & record.robust_correct for name, record in records.items()}
+                rows.append({"Column": attack.label, "Norm": norm.symbol, "eps": f"{eps:g}", "Broken first": broken,
+                             "Model evaluations": spent, "Broken per 1,000 evaluations": 1000 * broken / max(spent, 1),
+                             "Seconds": round(sum(record.seconds for record in records.values()), 1)})
+    return pd.DataFrame(rows)
 
 
 def _spending(costs: pd.DataFrame) -> str:
