@@ -99,7 +99,8 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
         if attack.build().norm is not norm:
             raise ValueError(f"contender {attack_id!r} is not a {norm.value} attack")
         identity = {"weights": weights, "norm": norm.value, "eps": eps, "examples": int(len(clean_correct)),
-                    "seed": spec.seed, "device": str(device), "versions": library_versions()}
+                    "seed": spec.seed, "device": str(device), "threads": torch.get_num_threads(),
+                    "versions": library_versions()}
         earlier = reusable_row(reuse, identity, attack_id, attack.options)
         if earlier is not None:
             rows.append(earlier)
@@ -118,7 +119,7 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
         row["missed_by_this"] = int((vector & ~ours).sum()) if row["label"] != OURS else None
     return {
         "benchmark": spec.name, "spec": str(spec.path), "defense": defense, "defense_key": clean.defense_key,
-        "weights": weights,
+        "weights": weights, "threads": torch.get_num_threads(),
         "norm": norm.value, "eps": eps, "examples": int(len(ours)), "clean": 100 * float(clean_correct.mean()),
         "ours_columns": [c.attack.label for c in columns], "device": str(device), "versions": library_versions(),
         "commit": code_commit(), "seed": spec.seed,
@@ -128,7 +129,7 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
 
 def reusable_row(reuse: list[dict], identity: dict, attack_id: str, options: tuple) -> dict | None:
     """The contender row of an earlier comparison with this identity (the model's weights, norm, eps, examples,
-    seed, device, library versions), attack and options, marked as reused; None when there is none. The weights'
+    seed, device, torch's threads, library versions), attack and options, marked as reused; None when there is none. The weights'
     digest, not the checkpoint key: a code change that re-keys every checkpoint but trains the same bits leaves
     AutoAttack's result as it was."""
     wanted = [list(option) for option in options]

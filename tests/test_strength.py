@@ -74,6 +74,7 @@ def test_ours_is_the_per_example_worst_case_and_contenders_are_counted(tmp_path,
     planted = {**result, "rows": [dict(row) for row in result["rows"]], "defense_key": "key-before-a-code-change"}
     planted["rows"][1]["robust_vector"] = [not v for v in autoattack["robust_vector"]]
     elsewhere = {**planted, "weights": "other-weights"}
+    other_threads = {**planted, "threads": planted["threads"] + 1}  # CPU kernels split their sums by thread
     again = strength.compare(spec, defense="natural", norm=Norm.LINF, eps=0.15, cache_dir=tmp_path / "ckpt",
                              device=torch.device("cpu"), contenders=CONTENDERS, progress=False, data=mnist,
                              reuse=[elsewhere, planted])
@@ -85,7 +86,7 @@ def test_ours_is_the_per_example_worst_case_and_contenders_are_counted(tmp_path,
             in "\n".join(strength_section(again)))
     again = strength.compare(spec, defense="natural", norm=Norm.LINF, eps=0.15, cache_dir=tmp_path / "ckpt",
                              device=torch.device("cpu"), contenders=CONTENDERS, progress=False, data=mnist,
-                             reuse=[elsewhere])
+                             reuse=[elsewhere, other_threads])
     assert again["rows"][1]["robust_vector"] == autoattack["robust_vector"] and "reused_from" not in again["rows"][1]
 
 
