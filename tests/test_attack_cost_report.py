@@ -115,3 +115,16 @@ def test_the_strength_section_is_rewritten_alone_keeping_the_timings(tmp_path):
     assert render_strength(tmp_path / "out", new).read_text() == rewritten  # twice is once
     with pytest.raises(FileNotFoundError, match="no strength-per-cost JSON"):
         render_strength(tmp_path / "out", tmp_path / "missing.json")
+
+
+def test_a_comparison_without_the_port_row_shows_a_dash_and_says_why():
+    from harness.reports.attack_cost import strength_summary
+
+    with_port = comparison("pgd-at", 62.0, 63.0)
+    port = {**with_port["rows"][1], "label": "AutoAttack standard, torchattacks' parts", "attack": "autoattack-standard",
+            "robust": 63.5}
+    with_port = {**with_port, "rows": with_port["rows"] + [port]}
+    text = "\n".join(strength_summary([with_port]))
+    assert "| 63.5 " in text and "shows -" not in text
+    text = "\n".join(strength_summary([with_port, comparison("natural", 22.0, 22.0)]))
+    assert "a comparison that ran without it shows -" in text and "| natural " in text and "| -  " in text

@@ -150,8 +150,9 @@ def strength_summary(comparisons: list[dict]) -> list[str]:
         "matrix runs them (cascade, per-example early stop), worst case per example. **AutoAttack** = its standard "
         "set at the original budgets (APGD-CE 100, APGD-T 9 x 100, FAB-T 9 x 100, Square 5,000) on the clean-correct "
         "examples, from the authors' code (pyautoattack) where installed; **torchattacks port** = the same set built "
-        "from torchattacks' parts. Model evaluations = examples sent forward + input gradients, counted by one "
-        "wrapper around the model for every row, the clean pass included.",
+        "from torchattacks' parts" + (" (a comparison that ran without it shows -)" if any(
+            row["torchattacks port (%)"] == "-" for row in rows) else "") + ". Model evaluations = examples sent "
+        "forward + input gradients, counted by one wrapper around the model for every row, the clean pass included.",
         "",
         markdown_table(pd.DataFrame(rows), digits=2),
         "",
