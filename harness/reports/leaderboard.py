@@ -114,7 +114,8 @@ def column_yield(board: Leaderboard) -> pd.DataFrame:
     """Per attack column and eps, in cascade order: examples it broke first (over the defenses that pass their sanity
     checks), the model evaluations it spent on them, broken per 1,000 evaluations, and seconds. Any column's vector
     counts the same way, cascaded or on every example: what the columns before it left (their per-example AND) and
-    it did not. A column with a cell missing from the store is left out."""
+    it did not. A column with a cell missing from the store is left out, and so are the columns after it at that
+    eps (what they broke first is unknown without it)."""
     spec = board.spec
     names = [d.name for d in spec.defenses]
     names = [name for name, ok in zip(names, passes_sanity(board.verdicts, names)) if ok]
