@@ -128,3 +128,6 @@ def test_a_comparison_without_the_port_row_shows_a_dash_and_says_why():
     assert "| 63.5 " in text and "shows -" not in text
     text = "\n".join(strength_summary([with_port, comparison("natural", 22.0, 22.0)]))
     assert "a comparison that ran without it shows -" in text and "| natural " in text and "| -  " in text
+    # comparisons from two benchmarks: each row names its benchmark
+    text = "\n".join(strength_summary([with_port, {**comparison("atda", 18.4, 14.4), "benchmark": "mnist-li"}]))
+    assert "(b, mnist-li," in text and "| atda (mnist-li) " in text and "| pgd-at (b) " in text and "**1 of 2**" in text
