@@ -78,8 +78,6 @@ def _targeted(name: str, norm: Norm, steps: int, targets: int, make, first_targe
     def build(model, eps, seed, *, classes):
         attack = make(model, eps, steps, seed, classes)
         attack.n_target_classes = _targets(targets, classes, first_target)  # the constructors fix it at classes - 1
-        if first_target > 1:
-            attack.first_target = first_target
         return attack
 
     return TorchattacksAttack(name, norm, build, needs_classes=True)
@@ -108,9 +106,13 @@ def _apgd_targeted_class():
 
 
 def _apgd_targeted(name: str, norm: Norm, steps: int, targets: int, first_target: int) -> Attack:
-    return _targeted(name, norm, steps, targets, lambda model, eps, steps, seed, classes: _apgd_targeted_class()(
-        model, norm=LIBRARY_NORMS[norm], eps=eps, steps=steps, n_restarts=1, n_classes=classes, seed=seed),
-        first_target)
+    def make(model, eps, steps, seed, classes):
+        attack = _apgd_targeted_class()(model, norm=LIBRARY_NORMS[norm], eps=eps, steps=steps, n_restarts=1,
+                                        n_classes=classes, seed=seed)
+        attack.first_target = first_target
+        return attack
+
+    return _targeted(name, norm, steps, targets, make, first_target)
 
 
 @ATTACKS.register("ta-apgd-t", norm="linf", family="iterative", library="torchattacks")

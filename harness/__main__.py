@@ -73,8 +73,7 @@ def _parser() -> argparse.ArgumentParser:
     strength = sub.add_parser("strength-per-cost", help=text, description=text)
     strength.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"benchmark TOML (default {DEFAULT_SPEC})")
     strength.add_argument("--case", action="append", default=None, metavar="DEFENSE:NORM:EPS",
-                          help="a comparison, repeatable (default: pgd-at, trades, ls-gn, fgsm-at-full at linf 0.3; "
-                               "pgd-at, pgd-at-l2, natural, ls-gn, lsq-gn, fgsm-at, step-ll-at, trades at l2 2)")
+                          help="a comparison, repeatable (default: the cases of harness.strength.CASES, listed in the README)")
     strength.add_argument("--json", type=Path, default=STRENGTH_JSON, help="where to write the result")
     strength.add_argument("--reuse", type=Path, default=None, metavar="JSON",
                           help="an earlier strength-per-cost JSON: take its AutoAttack rows where the weights, examples, "

@@ -122,8 +122,8 @@ def column_yield(board: Leaderboard) -> pd.DataFrame:
     rows = []
     for norm, grid in spec.eps:
         for eps in grid:
-            left = {name: board.outcomes.get((name, CLEAN, 0.0)) for name in names}
-            left = {name: None if record is None else record.clean_correct for name, record in left.items()}
+            clean = {name: board.outcomes.get((name, CLEAN, 0.0)) for name in names}
+            left = {name: None if record is None else record.clean_correct for name, record in clean.items()}
             for attack in cascade_order(spec):
                 if attack.norm is not norm or eps not in attack.eps:
                     continue
