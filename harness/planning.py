@@ -28,6 +28,16 @@ def runs_on_every_example(spec: BenchmarkSpec, attack: AttackSpec) -> bool:
     return not spec.cascade or attack.label in spec.label_leak_columns or attack.standalone
 
 
+def attacks_every_clean_example(spec: BenchmarkSpec, attack: AttackSpec, eps: float) -> bool:
+    """Whether the column's cell at `eps` attacks every clean-correct example, so that its robust vector is the
+    attack's own accuracy: it runs on every example, or it is the first column of its (norm, eps) chain, after
+    which only the clean evaluation comes."""
+    if runs_on_every_example(spec, attack):
+        return True
+    first = next(a for a in cascade_order(spec) if a.norm is attack.norm and eps in a.eps)
+    return first.label == attack.label
+
+
 def _same_draws(attack: AttackSpec, eps: float) -> tuple:
     """What decides an attack cell's seed and outcome per example, apart from the examples it runs on."""
     return attack.attack_id, tuple(sorted(attack.options)), attack.norm.value, eps, attack.restart

@@ -152,6 +152,8 @@ def test_verdicts_follow_the_stored_vectors(tmp_path, mnist):
     assert rows["Leaked + reverse never exceed the clean errors"]["Verdict"] == "reproduced"
     assert rows["The cross-norm table: six training methods x PGD/S-O at L∞ and L2"]["Verdict"] == "not measured here"
     assert "figures/tiny-dead-units.png" in board.read_text() and (board.parent / "figures/tiny-dead-units.png").is_file()
+    table5 = _rows(board, "One-step adversaries for adversarial training (Kurakin et al. Table 5)")
+    assert {"fgsm 0.3", "pgd 0.3"} <= set(table5["fgsm-at"]) and "pgd-l2 2" not in table5["fgsm-at"]  # the paper's L∞ only
 
     def leaking(defense, label, eps):  # the FGSM-trained model beats its clean accuracy on true-label FGSM examples
         if label == "fgsm" and defense == "fgsm-at":
@@ -268,6 +270,21 @@ def test_the_cross_norm_table_and_its_claims_follow_the_stored_vectors(tmp_path,
     assert (rows[mixed]["Verdict"], rows[fix]["Verdict"]) == ("partly", "reproduced")
     assert rows["S-O finds what PGD misses on a model attacked in the norm it was not trained for"]["Verdict"] == (
         "not reproduced")
+
+
+def test_the_first_column_of_a_chain_holds_its_own_accuracy_without_being_marked_standalone(tmp_path, mnist):
+    """mnist-li leaves its first L2 column unmarked so that its cells are the quick board's: only the clean
+    evaluation comes before it, so it attacks every clean-correct example and the Table 1 column reads it."""
+    spec_text = CROSS_NORM_SPEC.replace('[attacks.pgd-l2]\nattack = "pgd-l2"\nsteps = 5\nstandalone = true\n',
+                                        '[attacks.pgd-l2]\nattack = "pgd-l2"\nsteps = 5\n')
+    assert spec_text != CROSS_NORM_SPEC
+    _, board = _board(tmp_path / "a", mnist, lambda defense, label, eps: _share(0.3 if label == "pgd-l2" else 0.5),
+                      spec_text=spec_text)
+    table = _rows(board, "The cross-norm table (Li et al. Table 1)")
+    assert table["pgd-at"]["PGD-L2 2"] == pytest.approx(100 * np.mean(_share(0.3) & (np.arange(60) % 10 != 0)))
+    leaderboard = " ".join((board.parent / "tiny.md").read_text().split())
+    assert "| pgd-l2 | pgd-l2 | steps=5 | L2 | 2 | every clean-correct example |" in leaderboard
+    assert "| last | pgd-linf | steps=3 | L∞ | 0.3 | survivors |" in leaderboard  # not first: after pgd and so-linf
 
 
 KURAKIN_SPEC = """

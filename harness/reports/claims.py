@@ -10,7 +10,7 @@ import pandas as pd
 
 from attacks_ext.label_leak import perturbation_probe_rows
 from harness.check_types import Status
-from harness.planning import runs_on_every_example
+from harness.planning import attacks_every_clean_example
 from harness.registry import ATTACKS, Family
 from harness.reports.aggregate import Leaderboard
 from harness.reports.label_leak import label_leak_frame
@@ -79,18 +79,20 @@ def _column(board: Leaderboard, name: str, family: Family, norm: Norm, eps: floa
     return None
 
 
-def own_accuracy_columns(spec, attack_ids: tuple[str, ...] | None = None) -> list[AttackSpec]:
-    """The white-box columns (of `attack_ids`) that attacked every example: their vectors are the attacks' own
-    accuracies, where a cascade's other columns hold what the chain left."""
-    return [a for a in spec.attacks if a.source is None and runs_on_every_example(spec, a)
-            and (attack_ids is None or a.attack_id in attack_ids)]
+def own_accuracy_columns(spec, attack_ids: tuple[str, ...] | None = None) -> list[tuple[AttackSpec, float]]:
+    """The white-box columns (of `attack_ids`) and eps at which they attacked every clean-correct example (marked
+    standalone, or first in their cascade chain): their vectors are the attacks' own accuracies, where a cascade's
+    other columns hold what the chain left."""
+    return [(a, eps) for a in spec.attacks for eps in a.eps
+            if a.source is None and (attack_ids is None or a.attack_id in attack_ids)
+            and attacks_every_clean_example(spec, a, eps)]
 
 
 def standalone_column(board: Leaderboard, name: str, attack_id: str, eps: float) -> tuple[str, np.ndarray | None] | None:
     """The first own-accuracy column of `attack_id` at `eps`: (label, robust vector; None while its cell is missing);
     None when the board has no such column."""
-    for attack in own_accuracy_columns(board.spec, (attack_id,)):
-        if eps in attack.eps:
+    for attack, at in own_accuracy_columns(board.spec, (attack_id,)):
+        if at == eps:
             record = board.outcomes.get((name, attack.label, eps))
             return attack.label, None if record is None else record.robust_correct
     return None

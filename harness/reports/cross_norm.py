@@ -56,7 +56,7 @@ def cross_norm_rows(board: Leaderboard) -> list[dict]:
     """One row per Table 1 defense: clean, the four attacks' own accuracies, our worst case per norm, the paper's.
     Empty when the board lacks one of the four columns (every example, at the largest eps of each norm)."""
     threats = _threats(board)
-    present = {(a.attack_id, eps) for a in own_accuracy_columns(board.spec) for eps in a.eps}
+    present = {(a.attack_id, eps) for a, eps in own_accuracy_columns(board.spec)}
     if len(threats) < 2 or any((attack_id, threats[norm]) not in present for attack_id, norm, _ in COLUMNS):
         return []
     rows = []

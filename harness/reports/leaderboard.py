@@ -7,7 +7,7 @@ import datetime
 import pandas as pd
 
 from harness.cells import CLEAN
-from harness.planning import cascade_order, runs_on_every_example
+from harness.planning import attacks_every_clean_example, cascade_order, runs_on_every_example
 from harness.provenance import code_commit
 from harness.reports.aggregate import Leaderboard, _column, overall, board_file, passes_sanity
 from harness.reports.markdown import MISSING, markdown_table as _markdown
@@ -79,7 +79,7 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
          "Options": ", ".join([f"{k}={v}" for k, v in a.options] + ([f"restart={a.restart}"] if a.restart else []))
                     or "defaults",
          "Norm": a.norm.symbol, "eps": ", ".join(f"{e:g}" for e in a.eps),
-         **({"Runs on": "every example" if runs_on_every_example(spec, a) else "survivors"} if spec.cascade else {})}
+         **({"Runs on": _runs_on(spec, a)} if spec.cascade else {})}
         for a in (cascade_order(spec) if spec.cascade else spec.attacks)
     ])
     lines += [_markdown(attacks), ""]
@@ -164,3 +164,13 @@ def _guard_note(training: dict) -> str:
         return "did not fire" if any("guard_pgd_accuracy" in e for e in training.get("epochs", [])) else "off"
     return (f"fired at epoch {guard['epoch']}: PGD accuracy {100 * guard['pgd_accuracy']:.0f}% after "
             f"{100 * guard['best_pgd_accuracy']:.0f}% at epoch {guard['best_epoch']} ({guard['action']})")
+
+
+def _runs_on(spec, attack) -> str:
+    """The Attacks table's 'Runs on': every example (standalone, label-leak twins), every clean-correct example (the
+    first column of its chain at each eps: its number is its own accuracy as well), or the chain's survivors."""
+    if runs_on_every_example(spec, attack):
+        return "every example"
+    if all(attacks_every_clean_example(spec, attack, eps) for eps in attack.eps):
+        return "every clean-correct example"
+    return "survivors"
