@@ -24,7 +24,8 @@ class ReferenceAttack(PerNormCheck):
     when AutoAttack breaks at least `min_broken` of them and a share significantly above `tolerated_share`
     (one-sided exact binomial test at level `alpha`), so a single lucky example does not flip it: the board's attack set was weaker than
     AutoAttack there, and its worst case overstates the defense. `defenses` limits the audit to the rows named
-    (the others read n/a): AutoAttack's full budgets cost about the same on 10 examples as on 100."""
+    (the others read n/a): AutoAttack's full budgets cost about 1 s per audited survivor on a 2-core CPU (10 s at
+    10, 100-130 s at 100 per defense and norm on MNIST's small CNN)."""
 
     id, title = "reference-attack", "Reference audit (AutoAttack)"
 
