@@ -131,7 +131,8 @@ def strength_summary(comparisons: list[dict]) -> list[str]:
         port = next((row for row in result["rows"] if row["attack"].startswith("autoattack-standard")
                      and row is not reference), None)
         rows.append({
-            "defense": result["defense"] + (f" ({result['benchmark']})" if len(benchmarks) > 1 else ""), "threat": f"{'L∞' if result['norm'] == 'linf' else 'L2'} {result['eps']:g}",
+            "defense": result["defense"] + (f" ({result['benchmark']})" if len(benchmarks) > 1 else ""),
+            "threat": f"{'L∞' if result['norm'] == 'linf' else 'L2'} {result['eps']:g}",
             "ours (%)": ours["robust"], "AutoAttack (%)": reference["robust"],
             "torchattacks port (%)": "-" if port is None else f"{port['robust']:.1f}",
             "ours − AA (examples)": gap, "AA broke, ours missed": reference["broken_only_by_this"],

@@ -251,9 +251,10 @@ def render_findings(board: Leaderboard, out_dir: Path, *, command: str, commit: 
     if cross_norm:
         lines += ["## The cross-norm table (Li et al. Table 1)", "",
                   "Each training method under PGD and S-O at L∞ and at L2, **each attack's own accuracy on every test "
-                  "digit** (columns marked `standalone`, or first in their chain, after the clean evaluation only), then "
-                  "**Worst**: the per-example worst case of every column of that norm, the benchmark's strongest "
-                  "attacks included (they run on what the four left). **Paper**: Li et al.'s MNIST numbers (Madry's CNN, full MNIST); " + READING + ". "
+                  "digit** (columns marked `standalone`, or first in their chain, after the clean evaluation only), "
+                  "then **Worst**: the per-example worst case of every column of that norm, the benchmark's strongest "
+                  "attacks included (they run on what the four left). **Paper**: Li et al.'s MNIST numbers (Madry's "
+                  "CNN, full MNIST); " + READING + ". "
                   "The paper's L2 bound was lost too: L2 2.0 is our choice.", "",
                   markdown_table(pd.DataFrame(cross_norm), digits=1), ""]
     table5 = table5_rows(board)
