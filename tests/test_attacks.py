@@ -39,22 +39,52 @@ def generator(seed=0):
     return torch.Generator().manual_seed(seed)
 
 
-def test_output_is_inside_the_threat_model(attack, natural_model, batch):
-    x, y = batch
-    eps = EPS[attack.norm]
-    x_adv = attack(natural_model, x, y, eps=eps, generator=generator())
+_CALLS: dict[str, dict] = {}  # attack name -> what one hostile call left behind (the invariants below read it)
+
+
+@pytest.fixture()
+def hostile_call(attack, natural_model, batch) -> dict:
+    """One call of `attack` on the batch with the model in a mixed train/eval state, an existing gradient on its first
+    parameter and torch's and numpy's global generators seeded: each invariant below is its own test, reading what
+    that one call left, so the registry-wide tests attack once per attack rather than once per invariant."""
+    if attack.name not in _CALLS:
+        x, y = batch
+        original = x.clone()
+        natural_model.train()
+        natural_model.classifier.eval()  # a mixed state must come back exactly as it was
+        params = list(natural_model.parameters())
+        params[0].grad = torch.ones_like(params[0])  # an existing gradient must survive, values included
+        torch.manual_seed(123)
+        np.random.seed(123)
+        try:
+            x_adv = attack(natural_model, x, y, eps=EPS[attack.norm], generator=generator())
+            after = (torch.rand(1), np.random.rand())
+            modes = (natural_model.training, natural_model.features.training, natural_model.classifier.training)
+            first_grad = None if params[0].grad is None else params[0].grad.clone()
+            other_grads = [p.grad for p in params[1:]]
+        finally:
+            natural_model.eval()
+            params[0].grad = None
+        torch.manual_seed(123)
+        np.random.seed(123)
+        _CALLS[attack.name] = {"x": x, "original": original, "x_adv": x_adv, "rng": after,
+                               "rng_untouched": (torch.rand(1), np.random.rand()), "modes": modes,
+                               "first_grad": first_grad, "other_grads": other_grads}
+    return _CALLS[attack.name]
+
+
+def test_output_is_inside_the_threat_model(attack, hostile_call):
+    x, x_adv, eps = hostile_call["x"], hostile_call["x_adv"], EPS[attack.norm]
     verify(x, x_adv, attack.norm, eps)  # raises on any violation
     assert x_adv.min() >= 0 and x_adv.max() <= 1
     assert float(perturbation_norms(x, x_adv, attack.norm).max()) > 0.5 * eps  # it really perturbs
 
 
-def test_shape_dtype_device_kept_and_input_untouched(attack, natural_model, batch):
-    x, y = batch
-    original = x.clone()
-    x_adv = attack(natural_model, x, y, eps=EPS[attack.norm], generator=generator())
+def test_shape_dtype_device_kept_and_input_untouched(hostile_call):
+    x, x_adv = hostile_call["x"], hostile_call["x_adv"]
     assert x_adv.shape == x.shape and x_adv.dtype == x.dtype and x_adv.device == x.device
     assert not x_adv.requires_grad
-    assert torch.equal(x, original)
+    assert torch.equal(x, hostile_call["original"])
 
 
 def test_zero_eps_changes_nothing(attack, natural_model, batch):
@@ -82,31 +112,16 @@ def test_same_seed_same_output(attack, natural_model, batch):
     assert torch.equal(first, second)
 
 
-def test_global_rng_untouched(attack, natural_model, batch):
-    x, y = batch
-    torch.manual_seed(123)
-    np.random.seed(123)
-    attack(natural_model, x, y, eps=EPS[attack.norm], generator=generator())
-    after_torch, after_numpy = torch.rand(1), np.random.rand()
-    torch.manual_seed(123)
-    np.random.seed(123)
-    assert torch.equal(after_torch, torch.rand(1)) and after_numpy == np.random.rand()
+def test_global_rng_untouched(hostile_call):
+    (torch_after, numpy_after), (torch_expected, numpy_expected) = hostile_call["rng"], hostile_call["rng_untouched"]
+    assert torch.equal(torch_after, torch_expected) and numpy_after == numpy_expected
 
 
-def test_model_mode_and_gradients_restored(attack, natural_model, batch):
-    x, y = batch
-    natural_model.train()
-    natural_model.classifier.eval()  # a mixed state must come back exactly as it was
-    params = list(natural_model.parameters())
-    params[0].grad = torch.ones_like(params[0])  # an existing gradient must survive, values included
-    try:
-        attack(natural_model, x, y, eps=EPS[attack.norm], generator=generator())
-        assert natural_model.training and natural_model.features.training and not natural_model.classifier.training
-        assert torch.equal(params[0].grad, torch.ones_like(params[0]))
-        assert all(p.grad is None for p in params[1:])
-    finally:
-        natural_model.eval()
-        params[0].grad = None
+def test_model_mode_and_gradients_restored(hostile_call):
+    assert hostile_call["modes"] == (True, True, False)
+    assert hostile_call["first_grad"] is not None and torch.equal(hostile_call["first_grad"],
+                                                                  torch.ones_like(hostile_call["first_grad"]))
+    assert all(grad is None for grad in hostile_call["other_grads"])
 
 
 def test_robust_accuracy_at_most_clean(attack, natural_model, mnist):
