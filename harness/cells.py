@@ -35,6 +35,12 @@ class Cell:
     reuses: str | None = None  # a matrix cell of the same attack and seed whose attacked examples' outcomes this
     #                            cell takes over; it attacks only the clean-correct examples that cell skipped
     sample: int | None = None  # attack at most this many of the examples `after` leaves (the first ones)
+    targets: tuple[str, ...] = ()  # [transfer]: the defenses that classify the examples crafted on `defense`
+
+    @property
+    def models(self) -> tuple[str, ...]:
+        """Every defense whose model the cell loads: its own, its transfer source and its targets."""
+        return tuple(dict.fromkeys(n for n in (self.defense, self.source, *self.targets) if n is not None))
 
     @property
     def label(self) -> str:
@@ -53,7 +59,7 @@ class Cell:
 def _cell(spec: BenchmarkSpec, data: Dataset, defense: str, model_key: str, attack: AttackSpec | None, eps: float, *,
           examples: int | None = None, restart: int = 0, probe: ProbeRequest | None = None, check: str | None = None,
           request: str | None = None, source: tuple[str, str] | None = None, after: tuple[str, ...] = (),
-          reuses: str | None = None, sample: int | None = None) -> Cell:
+          reuses: str | None = None, sample: int | None = None, targets: tuple[tuple[str, str], ...] = ()) -> Cell:
     """A cell keyed by everything that decides its outcome (and nothing that does not: the check that asked
     for it is not part of its identity, so identical requests share one cell).
 
@@ -82,7 +88,9 @@ def _cell(spec: BenchmarkSpec, data: Dataset, defense: str, model_key: str, atta
         identity["reuses"] = reuses
     if sample is not None:
         identity["sample"] = sample
+    if targets:  # (defense name, model key) pairs, in order: the stored rows follow it
+        identity["targets"] = [key for _, key in targets]
     key = hashlib.sha256(json.dumps(identity, sort_keys=True, default=str).encode()).hexdigest()[:24]
     seed = int(hashlib.sha256(json.dumps(randomness, sort_keys=True, default=str).encode()).hexdigest()[:8], 16)
     return Cell(key, defense, model_key, attack, eps, seed, examples, probe, check, request,
-                None if source is None else source[0], tuple(after), reuses, sample)
+                None if source is None else source[0], tuple(after), reuses, sample, tuple(name for name, _ in targets))

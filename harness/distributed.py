@@ -213,7 +213,7 @@ class RayExecutor:
             for cell in ready[: max(0, limit - len(running))]:
                 needed = list(_needs(cell))
                 records = runner.finished(needed) if needed else {}
-                names = [n for n in (cell.defense, cell.source) if n is not None]
+                names = cell.models
                 # object refs resolve only as top-level arguments: the defenses' weights go last, one each
                 ref = remote.remote(self._spec_ref, self._data_ref, str(runner.device), self.threads, cell, records,
                                     *(defenses[n] for n in names))
@@ -302,7 +302,7 @@ def _local_weights(key: str, weights: bytes, filename: str) -> Path:
 
 def _cell_task(spec: BenchmarkSpec, data: Dataset, device: str, threads: int, cell: Cell, records: dict, *defenses):
     """Compute one cell; returns its CellOutcome, or (error text, traceback) when the cell raised, with the seconds
-    the task ran (`_Timed`). `defenses`: the cell's defense and its transfer source, as `_portable` packs them."""
+    the task ran (`_Timed`). `defenses`: the models the cell loads (`Cell.models`), as `_portable` packs them."""
     started = time.perf_counter()
     return _Timed(_compute_cell(spec, data, device, threads, cell, records, defenses), time.perf_counter() - started)
 

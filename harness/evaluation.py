@@ -109,6 +109,33 @@ def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.
                        {} if attacked is None else {"attacked": np.asarray(attacked, dtype=bool)})
 
 
+def evaluate_transfer(cell: Cell, source: torch.nn.Module, targets: list[torch.nn.Module], x: torch.Tensor,
+                      y: torch.Tensor, *, batch_size: int, device: torch.device, clean_correct: np.ndarray,
+                      targets_clean: list[np.ndarray], eot_draws: int = 1) -> CellOutcome:
+    """Craft the cell's attack on `source` once (every example, run to the end: Kurakin et al.'s examples) and
+    classify the result with every target. The outcome is the source's own; the measurements hold one row per target
+    (in `cell.targets` order) of clean and adversarial correctness. The cost counted is the crafting."""
+    counter = EvaluationCounter(source)
+    attack = cell.attack.build()
+    adv_correct = np.zeros(len(x), dtype=bool)
+    target_adv = np.zeros((len(targets), len(x)), dtype=bool)
+    seconds = 0.0
+    for begin in range(0, len(x), batch_size):
+        index = np.arange(begin, min(begin + batch_size, len(x)))
+        xb, yb = x[begin : begin + batch_size].to(device), y[begin : begin + batch_size].to(device)
+        start = time.perf_counter()
+        x_adv = attack(counter if eot_draws == 1 else AveragedOverDraws(counter, eot_draws), xb, yb, eps=cell.eps,
+                       generator=ExampleRandomness(cell.seed, index), stop_when_fooled=False)
+        seconds += time.perf_counter() - start
+        verify(xb, x_adv, cell.attack.norm, cell.eps)
+        with torch.no_grad():
+            adv_correct[index] = (source(x_adv).argmax(1) == yb).cpu().numpy()
+            for row, target in enumerate(targets):
+                target_adv[row, index] = (target(x_adv).argmax(1) == yb).cpu().numpy()
+    return CellOutcome(clean_correct, adv_correct, seconds, counter.forward_evals, counter.gradient_evals,
+                       {"target_clean": np.stack(targets_clean), "target_adv": target_adv})
+
+
 class CellRunner:
     """Computes cells; holds what a worker needs (data, prepared defenses, the store's finished cells for a
     cascade) and loads each model once."""
@@ -140,11 +167,13 @@ class CellRunner:
                 self._randomized[key] = is_randomized(self.model(defense), self.x[:100].to(self.device))
         return self.eot_samples if self._randomized[key] else 1
 
-    def clean_correct(self, cell: Cell) -> np.ndarray:
-        """The cell's model's clean outcome on its examples, computed once per model and example count."""
-        key = (self.defenses[cell.defense].key, cell.examples)
+    def clean_correct(self, cell: Cell, defense: str | None = None) -> np.ndarray:
+        """The clean outcome of the cell's model (or `defense`'s) on the cell's examples, computed once per model and
+        example count."""
+        defense = cell.defense if defense is None else defense
+        key = (self.defenses[defense].key, cell.examples)
         if key not in self._clean:
-            self._clean[key] = correct_predictions(self.model(cell.defense), self.x[: cell.examples],
+            self._clean[key] = correct_predictions(self.model(defense), self.x[: cell.examples],
                                                    self.y[: cell.examples], batch_size=self.batch_size,
                                                    device=self.device)
         return self._clean[key]
@@ -176,6 +205,11 @@ class CellRunner:
     def _compute(self, cell: Cell) -> CellOutcome:
         x, y = self.x[: cell.examples], self.y[: cell.examples]
         model = self.model(cell.defense)
+        if cell.targets:
+            return evaluate_transfer(cell, model, [self.model(t) for t in cell.targets], x, y, batch_size=self.batch_size,
+                                     device=self.device, clean_correct=self.clean_correct(cell),
+                                     targets_clean=[self.clean_correct(cell, t) for t in cell.targets],
+                                     eot_draws=self.eot_draws(cell.defense))
         if cell.reuses is None:
             # The clean cell's own pass is its counted cost; attacks and probes reuse the model's clean outcome.
             clean_correct = None if cell.attack is None and cell.probe is None else self.clean_correct(cell)

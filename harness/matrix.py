@@ -57,7 +57,7 @@ def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: tor
     summary = RunSummary(planned=len(cells), computed=0, skipped=len(cells) - len(todo), failed=[])
     if not todo:
         return summary
-    names = dict.fromkeys(name for cell in todo for name in (cell.defense, cell.source) if name is not None)
+    names = dict.fromkeys(name for cell in todo for name in cell.models)
     unusable: dict[str, str] = {}
     if hasattr(executor, "train"):  # a parallel executor trains the missing checkpoints first; the driver writes them
         executor.train(spec, names, data, cache_dir=cache_dir, device=device, failed=unusable)
@@ -67,9 +67,9 @@ def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: tor
                                 failed=unusable)
     for name, reason in unusable.items():
         print(f"harness: defense {name!r} cannot be evaluated: {reason}", file=sys.stderr)
-    blocked = [cell for cell in todo if cell.defense in unusable or cell.source in unusable]
-    summary.failed += [(cell.describe(), f"defense {cell.source if cell.source in unusable else cell.defense!r} "
-                                         "cannot be evaluated") for cell in blocked]
+    blocked = [cell for cell in todo if set(cell.models) & set(unusable)]
+    summary.failed += [(cell.describe(), f"defense {next(n for n in cell.models if n in unusable)!r} cannot be evaluated")
+                       for cell in blocked]
     todo = [cell for cell in todo if cell not in blocked]
     runner = CellRunner(spec, data, prepared, device, finished=store.cells)
     versions, commit = library_versions(), code_commit()

@@ -1,4 +1,4 @@
-"""Planning: the cells a benchmark needs (clean, attack, check and label-leak probe cells), each keyed by what
+"""Planning: the cells a benchmark needs (clean, attack, check, label-leak probe and [transfer] cells), each keyed by what
 decides its outcome, in cascade order (the chain's order is in `matrix`'s docstring)."""
 from __future__ import annotations
 
@@ -57,7 +57,7 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
     keys = defense_keys(spec, data)
     context = spec.check_context()
     checks = [(check_spec.check_id, check_spec.build()) for check_spec in spec.checks]
-    for defense in spec.all_defenses:
+    for defense in spec.defenses + spec.replicas:  # [transfer]'s own models get its cells only, below
         model_key = keys[defense.name]
         replica = defense.replica_of is not None  # a training-seed replica: clean and the rank-by threat's chain only
         clean = _cell(spec, data, defense.name, model_key, None, 0.0)
@@ -115,4 +115,10 @@ def plan(spec: BenchmarkSpec, data: Dataset) -> list[Cell]:
                                    source=source, reuses=None if column is None else column.key, after=after,
                                    sample=request.sample, **common))
                 named[request] = cells[-1].key
+    if spec.transfer is not None:  # Kurakin et al.'s matrices: each attack crafted once per model and eps, all classify
+        targets = tuple((name, keys[name]) for name in spec.transfer.models)
+        for source in spec.transfer.models:
+            for attack in spec.transfer.attacks:
+                cells += [_cell(spec, data, source, keys[source], attack, eps, check=FINDINGS, request=attack.label,
+                                targets=targets) for eps in spec.transfer.eps_for(source)]
     return cells

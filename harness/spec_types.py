@@ -69,6 +69,21 @@ class CheckSpec:
 
 
 @dataclass(frozen=True)
+class TransferSpec:
+    """[transfer]: Kurakin et al.'s transferability study. Each attack crafts on each model once at each eps and every
+    model classifies the result (source x target matrices); `sweep`: more eps for the first model's examples (Fig. 2)."""
+
+    models: tuple[str, ...]  # defenses of the benchmark, rows or `row = false` models
+    attacks: tuple[AttackSpec, ...]  # one per attack id, default options, at every eps of `eps` and `sweep`
+    eps: tuple[float, ...]
+    sweep: tuple[float, ...] = ()
+
+    def eps_for(self, source: str) -> tuple[float, ...]:
+        """The eps the examples of `source` are crafted at: the tables' and, for the first model, the sweep's."""
+        return tuple(sorted(set(self.eps) | (set(self.sweep) if source == self.models[0] else set())))
+
+
+@dataclass(frozen=True)
 class BenchmarkSpec:
     name: str
     path: Path
@@ -94,11 +109,14 @@ class BenchmarkSpec:
     # 1 and 2 threads give different bits, so fixing it makes the board's numbers independent of the machine
     # and of the executor (a sequential run and Ray's one-thread tasks train the same weights).
     threads: int | None = None
+    transfer: TransferSpec | None = None  # [transfer]: source x target matrices between the named models
+    extra_models: tuple[DefenseSpec, ...] = ()  # `row = false` defenses: trained for [transfer] only, no row or column
 
     @property
     def all_defenses(self) -> tuple[DefenseSpec, ...]:
-        """The rows and their training-seed replicas: every model the benchmark trains or loads."""
-        return self.defenses + self.replicas
+        """The rows, their training-seed replicas and the models [transfer] alone needs: every model the benchmark
+        trains or loads."""
+        return self.defenses + self.replicas + self.extra_models
 
     @property
     def defenses_by_name(self) -> dict[str, DefenseSpec]:

@@ -66,6 +66,11 @@ source = "natural"
 restarts = 2
 steps = 5
 examples = 30
+
+[transfer]                    # a cell that loads three models: its source and both targets travel to the worker
+models = ["natural", "fgsm-at"]
+attacks = ["fgsm"]
+eps = [0.1]
 """
 
 

@@ -50,6 +50,7 @@ class Leaderboard:
     seeds: dict[str, list[tuple[int, np.ndarray | None, np.ndarray | None]]]  # defense -> (seed, clean, worst at rank-by)
     robust_features: CellRecord | None = None  # the D_rand / D_det cell (label-leak board), when the spec asks
     dead_units: dict[str, CellRecord | None] | None = None  # defense -> its penultimate-units cell (findings board)
+    transfer: dict[tuple[str, str, float], CellRecord | None] | None = None  # [transfer]: (source, attack id, eps) -> cell
 
 
 def board_file(spec: BenchmarkSpec, board: str) -> str:
@@ -237,9 +238,10 @@ def build(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> Leaderboard
     perturbation = {name: records.get(cell.key) for name, cell in probes.items()}
     dead_units = {cell.defense: records.get(cell.key) for cells in extra_cells.values() for cell in cells
                   if cell.request == DEAD_UNITS}
+    transfer = {(c.defense, c.attack.attack_id, c.eps): records.get(c.key) for c in all_cells if c.targets}
     return Leaderboard(spec, summary, details, curves, costs, trainings, outcomes, missing, commits, versions,
                        checks, evidence, verdicts, perturbation, vectors, seeds,
-                       None if robust_cell is None else records.get(robust_cell.key), dead_units)
+                       None if robust_cell is None else records.get(robust_cell.key), dead_units, transfer)
 
 
 def _clean_and_worst(pairs: list[tuple[Cell, CellRecord | None]], rank_by) -> tuple[np.ndarray | None, np.ndarray | None]:

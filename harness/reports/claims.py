@@ -307,12 +307,14 @@ def linf_training_fails_at_l2(board: Leaderboard) -> Finding:
 # Claims of the source papers that need models or attacks this benchmark does not train or run (issue 18's
 # papers benchmark); the board lists them so that a missing row reads as missing, never as a pass.
 CROSS_NORM_SOURCE, CAPACITY_SOURCE = "Li et al. (004) Table 1", "Kurakin et al. (002) Sec. 4.3"
+TRANSFER_SOURCE = "Kurakin et al. (002) Tables 4, 6, Fig. 2"
 NOT_ON_THIS_BENCHMARK = (
     ("The cross-norm table: six training methods x PGD/S-O at L∞ and L2", CROSS_NORM_SOURCE,
      "Madry L∞/L2, TRADES, ensemble, ATDA, mixed: see the table", "ensemble-at, mixed-norm-at and ATDA models and an "
      "S-O-L∞ column are not on this benchmark: see mnist-li-findings.md (benchmarks/mnist-li.toml)"),
-    ("One-step examples transfer more than iterative ones; transfer rises with eps", "Kurakin et al. (002) Tables 4, 6, Fig. 2",
-     "ImageNet, Inception v3 A/B/C/D", "no transfer matrix between independently trained models on this benchmark"),
+    ("One-step examples transfer more than iterative ones; transfer rises with eps", TRANSFER_SOURCE,
+     "ImageNet, Inception v3 A/B/C/D", "no transfer matrix between independently trained models on this benchmark: see "
+     "mnist-kurakin-findings.md (benchmarks/mnist-kurakin.toml)"),
     ("Adversarially trained models get more robust with width; natural ones have an optimum", CAPACITY_SOURCE,
      "ImageNet, width rho 0.5-2", "no width sweep on this benchmark: see mnist-kurakin-findings.md "
      "(benchmarks/mnist-kurakin.toml)"),

@@ -16,12 +16,13 @@ from attacks_ext.label_leak import robust_feature_rows, robust_linear_hits
 from harness.figures import pyplot, save_figure
 from harness.registry import Family
 from harness.reports.aggregate import Leaderboard
-from harness.reports.claims import (CAPACITY_SOURCE, CROSS_NORM_SOURCE, NOT_MEASURED, NOT_REPRODUCED, NOT_RUN, PARTLY,
+from harness.reports.claims import (CAPACITY_SOURCE, CROSS_NORM_SOURCE, TRANSFER_SOURCE, NOT_MEASURED, NOT_REPRODUCED, NOT_RUN, PARTLY,
                                     REPRODUCED, Finding, _checked, _column, _grade, _model, _names, _pct, _worst, kind, linf_training_fails_at_l2, label_leaking,
                                     leak_bound, not_measured, one_step_training_fails_iterative,
                                     perturbation_carries_label, second_order_beats_pgd, targeted_one_step_trains_best)
 from harness.reports.cross_norm import READING, cross_norm_findings, cross_norm_rows
 from harness.reports.kurakin import capacity_rows, kurakin_findings, render_capacity_figure, table5_rows
+from harness.reports.transfer import matrix_rows, transfer_findings, transfer_section
 from harness.reports.markdown import markdown_table
 from harness.statistics import ALPHA, mcnemar
 from harness.threat import Norm
@@ -191,9 +192,9 @@ def findings(board: Leaderboard) -> list[Finding]:
             targeted_one_step_trains_best(board), ls_gn_near_adversarial_training(board), noise_is_the_ingredient(board),
             linearization_underestimates(board), units_deactivated(board), *_sweeps(board), robust_feature_leakage(board),
             second_order_beats_pgd(board), linf_training_fails_at_l2(board), *cross_norm_findings(board),
-            *kurakin_findings(board), *not_measured(measured=frozenset(
-                source for source, rows in ((CROSS_NORM_SOURCE, cross_norm_rows), (CAPACITY_SOURCE, capacity_rows))
-                if rows(board)))]
+            *kurakin_findings(board), *transfer_findings(board), *not_measured(measured=frozenset(
+                source for source, rows in ((CROSS_NORM_SOURCE, cross_norm_rows), (CAPACITY_SOURCE, capacity_rows),
+                                            (TRANSFER_SOURCE, lambda b: matrix_rows(b, 0))) if rows(board)))]
 
 
 def render_dead_units_figure(board: Leaderboard, path: Path) -> bool:
@@ -273,6 +274,7 @@ def render_findings(board: Leaderboard, out_dir: Path, *, command: str, commit: 
                   "above 1 the attack helps the model (label leaking).", "",
                   markdown_table(pd.DataFrame(capacity), digits=3), "",
                   f"![accuracy ratio against width]({figure.as_posix()})", ""]
+    lines += transfer_section(board, out_dir)
     linear = linearized_rows(board)
     if linear:
         lines += ["## Linearized vs empirical robustness (Shafahi et al. Table 1)", "",
