@@ -76,7 +76,7 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
     if not columns:
         grid = sorted({(a.norm.value, e) for a in spec.attacks for e in a.eps})
         raise ValueError(f"{spec.path} has no column at {norm.value} eps {eps:g}; its grid: {grid}")
-    needed = dict.fromkeys(n for cell in chain for n in (cell.defense, cell.source) if n is not None)
+    needed = dict.fromkeys(n for cell in chain for n in cell.models)
     prepared = prepare_defenses(spec, needed, data, cache_dir=cache_dir, device=device, progress=progress)
     done: dict[str, CellOutcome] = {}
     runner = CellRunner(spec, data, prepared, device, finished=lambda keys: {k: done[k] for k in keys if k in done})

@@ -151,6 +151,9 @@ def test_verdicts_follow_the_stored_vectors(tmp_path, mnist):
                 "does not"]["Verdict"] == "reproduced"
     assert rows["Leaked + reverse never exceed the clean errors"]["Verdict"] == "reproduced"
     assert rows["The cross-norm table: six training methods x PGD/S-O at L∞ and L2"]["Verdict"] == "not measured here"
+    transfer = "One-step examples transfer more than iterative ones; transfer rises with eps"  # no [transfer]: one row
+    assert rows[transfer]["Verdict"] == "not measured here" and "mnist-kurakin-findings.md" in rows[transfer]["Ours"]
+    assert "One-step adversarial examples transfer more than iterative ones" not in rows
     assert "figures/tiny-dead-units.png" in board.read_text() and (board.parent / "figures/tiny-dead-units.png").is_file()
     table5 = _rows(board, "One-step adversaries for adversarial training (Kurakin et al. Table 5)")
     columns = set(table5["fgsm-at"])

@@ -53,7 +53,7 @@ def task_graph(spec: BenchmarkSpec, store: ResultStore, data: Dataset) -> tuple[
         record = records.get(cell.key)
         if record is None:
             missing.append(cell.describe())
-        after = {f"train {cell.defense}"} | ({f"train {cell.source}"} if cell.source else set())
+        after = {f"train {name}" for name in cell.models}  # its own model, a transfer source, [transfer]'s targets
         after |= set(cell.after) | ({cell.reuses} if cell.reuses else set())
         tasks[cell.key] = Task(cell.describe(), 0.0 if record is None else float(record.seconds), after)
     return tasks, missing
