@@ -88,6 +88,7 @@ def matrix_rows(board: Leaderboard, which: int) -> list[dict]:
                 if which == 0:  # the examples each rate is a share of: source fooled, target right on the clean one
                     eligible = [c[1] for t, c in counts.items() if t != source and c is not None]
                     row["n, others"] = f"{min(eligible)}-{max(eligible)}" if eligible else None
+                    row["Source fooled"] = None if record is None else 100 * float(np.mean(~record.adv_correct))
                 paper = PAPER_MEANS.get(attack.attack_id)
                 row["Paper, mean"] = None if paper is None else paper[which]
                 rows.append(row)
@@ -199,8 +200,9 @@ TRANSFER_READING = (
     "Adversarial examples crafted once on each model (every test digit, each attack run to its end, no early stop) and "
     "classified by every model. **Transfer rate** (Table 4): among the examples the source classifies correctly clean "
     "and wrongly adversarial, and the target correctly clean, the share the target misclassifies (100 on the "
-    "diagonal by definition); **n, others**: how many examples each off-diagonal rate is a share of (at small eps the "
-    "source is fooled on few, and its rates are coarse). **Error rate** (Table 6): the share of all adversarial "
+    "diagonal by definition); **n, others**: how many examples each off-diagonal rate is a share of, and **Source "
+    "fooled** the share of all digits the source misclassifies (where it is small, the rate is a share of few, easy "
+    "examples; at the paper's eps the iterative methods fooled over 99% of its images). **Error rate** (Table 6): the share of all adversarial "
     "examples the target misclassifies, nothing filtered (the diagonal is the white-box error). **Paper, mean**: the "
     "paper's mean over its 12 off-diagonal pairs, top-1, ImageNet at eps 16 of 255.")
 
