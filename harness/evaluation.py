@@ -206,8 +206,9 @@ class CellRunner:
         x, y = self.x[: cell.examples], self.y[: cell.examples]
         model = self.model(cell.defense)
         if cell.targets:
-            return evaluate_transfer(cell, model, [self.model(t) for t in cell.targets], x, y, batch_size=self.batch_size,
-                                     device=self.device, clean_correct=self.clean_correct(cell),
+            return evaluate_transfer(cell, model, [self.model(t) for t in cell.targets], x, y,
+                                     batch_size=self.batch_size, device=self.device,
+                                     clean_correct=self.clean_correct(cell),
                                      targets_clean=[self.clean_correct(cell, t) for t in cell.targets],
                                      eot_draws=self.eot_draws(cell.defense))
         if cell.reuses is None:

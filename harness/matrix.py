@@ -68,8 +68,8 @@ def run(spec: BenchmarkSpec, *, store: ResultStore, cache_dir: Path, device: tor
     for name, reason in unusable.items():
         print(f"harness: defense {name!r} cannot be evaluated: {reason}", file=sys.stderr)
     blocked = [cell for cell in todo if set(cell.models) & set(unusable)]
-    summary.failed += [(cell.describe(), f"defense {next(n for n in cell.models if n in unusable)!r} cannot be evaluated")
-                       for cell in blocked]
+    summary.failed += [(cell.describe(), f"defense {next(n for n in cell.models if n in unusable)!r} cannot be "
+                                         "evaluated") for cell in blocked]
     todo = [cell for cell in todo if cell not in blocked]
     runner = CellRunner(spec, data, prepared, device, finished=store.cells)
     versions, commit = library_versions(), code_commit()

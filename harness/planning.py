@@ -1,5 +1,5 @@
-"""Planning: the cells a benchmark needs (clean, attack, check, label-leak probe and [transfer] cells), each keyed by what
-decides its outcome, in cascade order (the chain's order is in `matrix`'s docstring)."""
+"""Planning: the cells a benchmark needs (clean, attack, check, label-leak probe and [transfer] cells), each keyed by
+what decides its outcome, in cascade order (the chain's order is in `matrix`'s docstring)."""
 from __future__ import annotations
 
 from harness.cells import DEAD_UNITS, FINDINGS, LABEL_LEAK, PERTURBATION_PROBE, ROBUST_FEATURES, Cell, _cell

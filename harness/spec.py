@@ -113,7 +113,8 @@ def _check_seeds(path, raw_defenses: dict, defenses: tuple[DefenseSpec, ...], be
             fail(path, f"defenses.{defense.name}.seed", "seed trains this one model at one seed, training_seeds (here "
                                                          "or in [benchmark]) trains replicas at several: give one")
         if not table.get("row", True) and "training_seeds" in table:
-            fail(path, f"defenses.{defense.name}.training_seeds", "replicas belong to a row; this defense has row = false")
+            fail(path, f"defenses.{defense.name}.training_seeds",
+                 "replicas belong to a row; this defense has row = false")
 
 
 def _check_ensemble_sources(path, defenses: tuple[DefenseSpec, ...]) -> None:

@@ -70,8 +70,9 @@ class CheckSpec:
 
 @dataclass(frozen=True)
 class TransferSpec:
-    """[transfer]: Kurakin et al.'s transferability study. Each attack crafts on each model once at each eps and every
-    model classifies the result (source x target matrices); `sweep`: more eps for the first model's examples (Fig. 2)."""
+    """[transfer]: Kurakin et al.'s transferability study. Each attack crafts on each model once at each eps and
+    every model classifies the result (source x target matrices); `sweep`: more eps for the first model's examples
+    (Fig. 2)."""
 
     models: tuple[str, ...]  # defenses of the benchmark, rows or `row = false` models
     attacks: tuple[AttackSpec, ...]  # one per attack id, default options, at every eps of `eps` and `sweep`

@@ -50,7 +50,7 @@ class Leaderboard:
     seeds: dict[str, list[tuple[int, np.ndarray | None, np.ndarray | None]]]  # defense -> (seed, clean, worst at rank-by)
     robust_features: CellRecord | None = None  # the D_rand / D_det cell (label-leak board), when the spec asks
     dead_units: dict[str, CellRecord | None] | None = None  # defense -> its penultimate-units cell (findings board)
-    transfer: dict[tuple[str, str, float], CellRecord | None] | None = None  # [transfer]: (source, attack id, eps) -> cell
+    transfer: dict[tuple[str, str, float], CellRecord | None] | None = None  # [transfer]: (source, attack, eps) -> cell
 
 
 def board_file(spec: BenchmarkSpec, board: str) -> str:

@@ -16,14 +16,15 @@ from attacks_ext.label_leak import robust_feature_rows, robust_linear_hits
 from harness.figures import pyplot, save_figure
 from harness.registry import Family
 from harness.reports.aggregate import Leaderboard
-from harness.reports.claims import (CAPACITY_SOURCE, CROSS_NORM_SOURCE, TRANSFER_SOURCE, NOT_MEASURED, NOT_REPRODUCED, NOT_RUN, PARTLY,
-                                    REPRODUCED, Finding, _checked, _column, _grade, _model, _names, _pct, _worst, kind, linf_training_fails_at_l2, label_leaking,
-                                    leak_bound, not_measured, one_step_training_fails_iterative,
-                                    perturbation_carries_label, second_order_beats_pgd, targeted_one_step_trains_best)
+from harness.reports.claims import (CAPACITY_SOURCE, CROSS_NORM_SOURCE, NOT_MEASURED, NOT_REPRODUCED, NOT_RUN, PARTLY,
+                                    REPRODUCED, TRANSFER_SOURCE, Finding, _checked, _column, _grade, _model, _names,
+                                    _pct, _worst, kind, label_leaking, leak_bound, linf_training_fails_at_l2,
+                                    not_measured, one_step_training_fails_iterative, perturbation_carries_label,
+                                    second_order_beats_pgd, targeted_one_step_trains_best)
 from harness.reports.cross_norm import READING, cross_norm_findings, cross_norm_rows
 from harness.reports.kurakin import capacity_rows, kurakin_findings, render_capacity_figure, table5_rows
-from harness.reports.transfer import matrix_rows, transfer_findings, transfer_section
 from harness.reports.markdown import markdown_table
+from harness.reports.transfer import matrix_rows, transfer_findings, transfer_section
 from harness.statistics import ALPHA, mcnemar
 from harness.threat import Norm
 

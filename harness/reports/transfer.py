@@ -202,9 +202,9 @@ TRANSFER_READING = (
     "and wrongly adversarial, and the target correctly clean, the share the target misclassifies (100 on the "
     "diagonal by definition); **n, others**: how many examples each off-diagonal rate is a share of, and **Source "
     "fooled** the share of all digits the source misclassifies (where it is small, the rate is a share of few, easy "
-    "examples; at the paper's eps the iterative methods fooled over 99% of its images). **Error rate** (Table 6): the share of all adversarial "
-    "examples the target misclassifies, nothing filtered (the diagonal is the white-box error). **Paper, mean**: the "
-    "paper's mean over its 12 off-diagonal pairs, top-1, ImageNet at eps 16 of 255.")
+    "examples; at the paper's eps the iterative methods fooled over 99% of its images). **Error rate** (Table 6): the "
+    "share of all adversarial examples the target misclassifies, nothing filtered (the diagonal is the white-box "
+    "error). **Paper, mean**: the paper's mean over its 12 off-diagonal pairs, top-1, ImageNet at eps 16 of 255.")
 
 
 def transfer_section(board: Leaderboard, out_dir: Path) -> list[str]:
