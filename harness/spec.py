@@ -104,11 +104,11 @@ def _replicas(path, raw_defenses: dict, defenses: tuple[DefenseSpec, ...], seeds
 
 
 def _check_seeds(path, raw_defenses: dict, defenses: tuple[DefenseSpec, ...], benchmark_seeds) -> None:
-    """A defense's own `seed` fixes one model; `training_seeds` trains replicas at several: not both, and no
-    replicas for a model without a row."""
+    """A defense's own `seed` fixes one model; `training_seeds` trains replicas of a row at several: not both, and
+    no replicas for a model without a row ([benchmark] training_seeds applies to the rows only)."""
     for defense in defenses:
         table = raw_defenses[defense.name]
-        seeds = table.get("training_seeds", benchmark_seeds)
+        seeds = table.get("training_seeds", benchmark_seeds if table.get("row", True) else None)
         if defense.seed is not None and seeds is not None:
             fail(path, f"defenses.{defense.name}.seed", "seed trains this one model at one seed, training_seeds (here "
                                                          "or in [benchmark]) trains replicas at several: give one")

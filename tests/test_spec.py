@@ -171,3 +171,17 @@ def test_the_benchmark_fixes_torch_threads_unless_the_flag_says_otherwise(tmp_pa
         assert _threads(loaded) == 1 and torch.get_num_threads() == 1  # report, scaling, strength-per-cost
     finally:
         torch.set_num_threads(before)
+
+
+def test_the_readmes_benchmark_example_loads(tmp_path):
+    """What a newcomer copies from 'Writing a benchmark' must load: [benchmark] training_seeds makes replicas of the
+    rows only, so the `row = false` model with its own seed beside it is not a conflict."""
+    import re
+
+    text = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    example = re.search(r"```toml\n(.*?)```", text[text.index("## Writing a benchmark"):], re.S).group(1)
+    (tmp_path / "example.toml").write_text(example)
+    loaded = spec.load(tmp_path / "example.toml")
+    assert [d.name for d in loaded.extra_models] == ["natural-seed1"] and loaded.extra_models[0].seed == 1
+    assert loaded.transfer.models == ("pgd-at", "natural-seed1")
+    assert not any(r.name.startswith("natural-seed1@") for r in loaded.replicas)
