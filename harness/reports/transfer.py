@@ -46,6 +46,11 @@ def _percent(count: tuple[int, int]) -> float | None:
     return None if count[1] == 0 else 100 * count[0] / count[1]
 
 
+def _fooled(record: CellRecord | None) -> float | None:
+    """The share of all examples the source itself misclassifies (%)."""
+    return None if record is None else 100 * float(np.mean(~record.adv_correct))
+
+
 def _record(board: Leaderboard, source: str, attack_id: str, eps: float) -> CellRecord | None:
     return (board.transfer or {}).get((source, attack_id, eps))
 
@@ -88,7 +93,7 @@ def matrix_rows(board: Leaderboard, which: int) -> list[dict]:
                 if which == 0:  # the examples each rate is a share of: source fooled, target right on the clean one
                     eligible = [c[1] for t, c in counts.items() if t != source and c is not None]
                     row["n, others"] = f"{min(eligible)}-{max(eligible)}" if eligible else None
-                    row["Source fooled"] = None if record is None else 100 * float(np.mean(~record.adv_correct))
+                    row["Source fooled"] = _fooled(record)
                 paper = PAPER_MEANS.get(attack.attack_id)
                 row["Paper, mean"] = None if paper is None else paper[which]
                 rows.append(row)
@@ -108,7 +113,7 @@ def sweep_rows(board: Leaderboard) -> list[dict]:
         for eps in transfer.sweep:
             record = _record(board, source, attack.attack_id, eps)
             row[f"{eps:g}"] = None if record is None else _percent(rates(record, 1)[0])
-            row[f"{eps:g} fooled"] = None if record is None else 100 * float(np.mean(~record.adv_correct))
+            row[f"{eps:g} fooled"] = _fooled(record)
         rows.append(row)
     return rows
 
@@ -132,10 +137,10 @@ def render_sweep_figure(board: Leaderboard, rows: list[dict], path: Path) -> Non
     save_figure(fig, path, dpi=110)
 
 
-def _pairs(board: Leaderboard) -> list[tuple[int, str, int]]:
-    """Every off-diagonal (source, target) pair as (target index, source name, source index)."""
+def _pairs(board: Leaderboard) -> list[tuple[int, str]]:
+    """Every off-diagonal (source, target) pair as (target index, source name)."""
     models = board.spec.transfer.models
-    return [(t, s, i) for i, s in enumerate(models) for t in range(len(models)) if t != i]
+    return [(t, s) for i, s in enumerate(models) for t in range(len(models)) if t != i]
 
 
 def one_step_transfers_more(board: Leaderboard) -> Finding:
@@ -156,7 +161,7 @@ def one_step_transfers_more(board: Leaderboard) -> Finding:
         return Finding(claim, source, paper, "[transfer] cells missing from the store", NOT_RUN, rule)
     held, total, means = 0, 0, {a: [] for a in families}
     for eps in transfer.eps:
-        for target, name, _ in _pairs(board):
+        for target, name in _pairs(board):
             rate = {a: _percent(rates(records[(name, a, eps)], target)[0]) for a in families}
             for a, value in rate.items():
                 means[a].append(value)
