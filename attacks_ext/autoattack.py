@@ -85,13 +85,21 @@ def _targeted(name: str, norm: Norm, steps: int, targets: int, make, first_targe
 
 @functools.cache
 def _apgd_targeted_class():
-    """torchattacks' APGD-T starting at any target rank. The library always starts at the highest wrong class, so
-    a column that goes on to the targets an earlier column did not try (on a label-smoothed model the clean
-    ranking of the wrong classes says little) needs this offset."""
+    """torchattacks' APGD-T starting at any target rank, with an optional probe. The library always starts at the
+    highest wrong class, so a column that goes on to the targets an earlier column did not try (on a label-smoothed
+    model the clean ranking of the wrong classes says little) needs the offset.
+
+    The probe (`probe_steps` > 0) spends the full budget only where it can pay, as Adaptive Auto Attack's discarding
+    does (Liu et al., CVPR 2022): every target first runs `probe_steps` steps on every example; the full run of a
+    target then goes only to the examples still robust whose probe brought that target within `probe_margin` of the
+    label, in the targeted DLR loss (-(z_y - z_t) / (z_pi1 - (z_pi3 + z_pi4) / 2): 0 is the boundary, and a robust
+    example's loss towards its runner-up lies in [-1, 0))."""
     import torchattacks
 
     class APGDTFrom(torchattacks.APGDT):
         first_target = 1
+        probe_steps = 0
+        probe_margin = 0.0
 
         def attack_single_run(self, x, y):
             # The library's loop sets target_class = 2, 3, ...: the target's rank among all classes (1 = the label).
@@ -102,31 +110,78 @@ def _apgd_targeted_class():
             finally:
                 self.target_class -= offset
 
+        def perturb(self, x_in, y_in, best_loss=False, cheap=True):
+            if not self.probe_steps:
+                return super().perturb(x_in, y_in, best_loss, cheap)
+            x, y = x_in.clone(), y_in.clone()
+            adv = x.clone()
+            robust = self.get_logits(x).max(1)[1] == y
+            torch.random.manual_seed(self.seed)
+            targets = range(2, self.n_target_classes + 2)
+            probe_loss = torch.full((len(targets), len(x)), -float("inf"), device=x.device)
+            steps = self.steps
+            for budget in ("probe", "full"):
+                self.steps = self.probe_steps if budget == "probe" else steps
+                try:
+                    for row, target in enumerate(targets):
+                        self.target_class = target
+                        for _ in range(1 if budget == "probe" else self.n_restarts):
+                            worth = robust if budget == "probe" else robust & (probe_loss[row] >= -self.probe_margin)
+                            todo = worth.nonzero().flatten()
+                            if len(todo) == 0:
+                                continue
+                            _, correct, loss, x_adv = self.attack_single_run(x[todo], y[todo])
+                            fooled = correct == 0
+                            robust[todo[fooled]] = False
+                            adv[todo[fooled]] = x_adv[fooled].clone()
+                            if budget == "probe":
+                                probe_loss[row, todo] = loss.detach().reshape(-1).to(probe_loss.dtype)
+                finally:
+                    self.steps = steps
+            return robust, adv
+
     return APGDTFrom
 
 
-def _apgd_targeted(name: str, norm: Norm, steps: int, targets: int, first_target: int) -> Attack:
+def _apgd_targeted(name: str, norm: Norm, steps: int, targets: int, first_target: int, probe_steps: int = 0,
+                   probe_margin: float = 0.2, restarts: int = 1) -> Attack:
+    steps, restarts = _positive_int(steps, "steps"), _positive_int(restarts, "restarts")
+    if isinstance(probe_steps, bool) or int(probe_steps) != probe_steps or probe_steps < 0:
+        raise ValueError(f"probe_steps must be 0 (no probe) or a positive integer, got {probe_steps!r}")
+    if probe_steps >= steps:
+        raise ValueError(f"probe_steps ({probe_steps}) must be below steps ({steps}): the probe is the short run")
+    if isinstance(probe_margin, bool) or not isinstance(probe_margin, (int, float)) or not 0 <= probe_margin <= 1:
+        raise ValueError(f"probe_margin must be in [0, 1] (the targeted DLR loss's distance below the boundary), "
+                         f"got {probe_margin!r}")
+
     def make(model, eps, steps, seed, classes):
-        attack = _apgd_targeted_class()(model, norm=LIBRARY_NORMS[norm], eps=eps, steps=steps, n_restarts=1,
+        attack = _apgd_targeted_class()(model, norm=LIBRARY_NORMS[norm], eps=eps, steps=steps, n_restarts=restarts,
                                         n_classes=classes, seed=seed)
         attack.first_target = first_target
+        attack.probe_steps, attack.probe_margin = int(probe_steps), float(probe_margin)
         return attack
 
     return _targeted(name, norm, steps, targets, make, first_target)
 
 
 @ATTACKS.register("ta-apgd-t", norm="linf", family="iterative", library="torchattacks")
-def torchattacks_apgd_targeted(*, steps: int = 100, targets: int = 9, first_target: int = 1) -> Attack:
+def torchattacks_apgd_targeted(*, steps: int = 100, targets: int = 9, first_target: int = 1, probe_steps: int = 0,
+                               probe_margin: float = 0.2, restarts: int = 1) -> Attack:
     """torchattacks APGD-T, Linf: targeted DLR towards `targets` wrong classes in turn, from the `first_target`-th
-    highest (AutoAttack: 9 x 100 from the highest)."""
-    return _apgd_targeted("ta-apgd-t", Norm.LINF, steps, targets, first_target)
+    highest (AutoAttack: 9 x 100 from the highest); `probe_steps` > 0 gives each target's full run only to the
+    examples its short probe brought within `probe_margin` of the boundary."""
+    return _apgd_targeted("ta-apgd-t", Norm.LINF, steps, targets, first_target, probe_steps, probe_margin,
+                          restarts)
 
 
 @ATTACKS.register("ta-apgd-t-l2", norm="l2", family="iterative", library="torchattacks")
-def torchattacks_apgd_targeted_l2(*, steps: int = 100, targets: int = 9, first_target: int = 1) -> Attack:
+def torchattacks_apgd_targeted_l2(*, steps: int = 100, targets: int = 9, first_target: int = 1, probe_steps: int = 0,
+                                  probe_margin: float = 0.2, restarts: int = 1) -> Attack:
     """torchattacks APGD-T, L2: targeted DLR towards `targets` wrong classes in turn, from the `first_target`-th
-    highest (AutoAttack: 9 x 100 from the highest)."""
-    return _apgd_targeted("ta-apgd-t-l2", Norm.L2, steps, targets, first_target)
+    highest (AutoAttack: 9 x 100 from the highest); `probe_steps` > 0 gives each target's full run only to the
+    examples its short probe brought within `probe_margin` of the boundary."""
+    return _apgd_targeted("ta-apgd-t-l2", Norm.L2, steps, targets, first_target, probe_steps, probe_margin,
+                          restarts)
 
 
 def _fab_targeted(name: str, norm: Norm, steps: int, targets: int) -> Attack:
