@@ -41,10 +41,12 @@ ORIGINAL = {
 }
 # The cases attack-cost.md compares by default: (defense, norm, eps). The six, then the L2 cells where
 # AutoAttack was 2-4 examples ahead of the chain before its last three L2 columns (natural, ls-gn, lsq-gn, fgsm-at,
-# step-ll-at) and TRADES, whose L2 column leans on S-O.
+# step-ll-at) and TRADES, whose L2 column leans on S-O; then the L2 defenses no column was tuned on (fgsm-at-full, gn,
+# step-rnd-at) and the board's other L-inf eps on the model it leaves most to break (natural at 0.1).
 CASES = (("pgd-at", Norm.LINF, 0.3), ("trades", Norm.LINF, 0.3), ("ls-gn", Norm.LINF, 0.3), ("fgsm-at-full", Norm.LINF, 0.3),
          ("pgd-at", Norm.L2, 2.0), ("pgd-at-l2", Norm.L2, 2.0), ("natural", Norm.L2, 2.0), ("ls-gn", Norm.L2, 2.0),
-         ("lsq-gn", Norm.L2, 2.0), ("fgsm-at", Norm.L2, 2.0), ("step-ll-at", Norm.L2, 2.0), ("trades", Norm.L2, 2.0))
+         ("lsq-gn", Norm.L2, 2.0), ("fgsm-at", Norm.L2, 2.0), ("step-ll-at", Norm.L2, 2.0), ("trades", Norm.L2, 2.0),
+         ("fgsm-at-full", Norm.L2, 2.0), ("gn", Norm.L2, 2.0), ("step-rnd-at", Norm.L2, 2.0), ("natural", Norm.LINF, 0.1))
 
 
 def default_contenders(norm: Norm) -> tuple:
