@@ -144,9 +144,9 @@ def _apgd_targeted_class():
 
 
 def _apgd_targeted(name: str, norm: Norm, steps: int, targets: int, first_target: int, probe_steps: int = 0,
-                   probe_margin: float = 0.2, restarts: int = 1) -> Attack:
+                   probe_margin: float = 0.3, restarts: int = 1) -> Attack:
     steps, restarts = _positive_int(steps, "steps"), _positive_int(restarts, "restarts")
-    if isinstance(probe_steps, bool) or int(probe_steps) != probe_steps or probe_steps < 0:
+    if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 0:
         raise ValueError(f"probe_steps must be 0 (no probe) or a positive integer, got {probe_steps!r}")
     if probe_steps >= steps:
         raise ValueError(f"probe_steps ({probe_steps}) must be below steps ({steps}): the probe is the short run")
@@ -166,7 +166,7 @@ def _apgd_targeted(name: str, norm: Norm, steps: int, targets: int, first_target
 
 @ATTACKS.register("ta-apgd-t", norm="linf", family="iterative", library="torchattacks")
 def torchattacks_apgd_targeted(*, steps: int = 100, targets: int = 9, first_target: int = 1, probe_steps: int = 0,
-                               probe_margin: float = 0.2, restarts: int = 1) -> Attack:
+                               probe_margin: float = 0.3, restarts: int = 1) -> Attack:
     """torchattacks APGD-T, Linf: targeted DLR towards `targets` wrong classes in turn, from the `first_target`-th
     highest (AutoAttack: 9 x 100 from the highest); `probe_steps` > 0 gives each target's full run only to the
     examples its short probe brought within `probe_margin` of the boundary."""
@@ -176,7 +176,7 @@ def torchattacks_apgd_targeted(*, steps: int = 100, targets: int = 9, first_targ
 
 @ATTACKS.register("ta-apgd-t-l2", norm="l2", family="iterative", library="torchattacks")
 def torchattacks_apgd_targeted_l2(*, steps: int = 100, targets: int = 9, first_target: int = 1, probe_steps: int = 0,
-                                  probe_margin: float = 0.2, restarts: int = 1) -> Attack:
+                                  probe_margin: float = 0.3, restarts: int = 1) -> Attack:
     """torchattacks APGD-T, L2: targeted DLR towards `targets` wrong classes in turn, from the `first_target`-th
     highest (AutoAttack: 9 x 100 from the highest); `probe_steps` > 0 gives each target's full run only to the
     examples its short probe brought within `probe_margin` of the boundary."""

@@ -49,8 +49,8 @@ def test_the_full_run_of_each_target_goes_only_to_the_examples_its_probe_brought
     assert len(calls) == 9
 
 
-def test_the_gated_attack_keeps_what_its_probe_broke_and_costs_less_than_the_full_budget_everywhere(mnist,
-                                                                                                natural_model):
+def test_the_gated_attack_keeps_what_its_probe_broke_and_costs_less_than_the_full_budget_on_every_example(
+        mnist, natural_model):
     """On a real model: the probe phase is the library's own run at probe_steps (same seed, same order), so the
     gated attack breaks every example that run breaks; the full budget on every example costs more evaluations."""
     x, y = mnist.x_test[:100], mnist.y_test[:100]
@@ -74,6 +74,7 @@ def test_the_gated_attack_keeps_what_its_probe_broke_and_costs_less_than_the_ful
 @pytest.mark.parametrize("options, message", [
     ({"steps": 20, "probe_steps": 20}, "probe_steps \\(20\\) must be below steps \\(20\\)"),
     ({"probe_steps": -1}, "probe_steps must be 0 \\(no probe\\) or a positive integer"),
+    ({"probe_steps": "ten"}, "probe_steps must be 0 \\(no probe\\) or a positive integer, got 'ten'"),
     ({"probe_steps": 10, "probe_margin": 1.5}, "probe_margin must be in \\[0, 1\\]"),
     ({"restarts": 0}, "restarts must be a positive integer"),
 ])
