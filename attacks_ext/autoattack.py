@@ -119,26 +119,29 @@ def _apgd_targeted_class():
             torch.random.manual_seed(self.seed)
             targets = range(2, self.n_target_classes + 2)
             probe_loss = torch.full((len(targets), len(x)), -float("inf"), device=x.device)
-            steps = self.steps
-            for budget in ("probe", "full"):
-                self.steps = self.probe_steps if budget == "probe" else steps
-                try:
-                    for row, target in enumerate(targets):
-                        self.target_class = target
-                        for _ in range(1 if budget == "probe" else self.n_restarts):
-                            worth = robust if budget == "probe" else robust & (probe_loss[row] >= -self.probe_margin)
-                            todo = worth.nonzero().flatten()
-                            if len(todo) == 0:
-                                continue
-                            _, correct, loss, x_adv = self.attack_single_run(x[todo], y[todo])
-                            fooled = correct == 0
-                            robust[todo[fooled]] = False
-                            adv[todo[fooled]] = x_adv[fooled].clone()
-                            if budget == "probe":
-                                probe_loss[row, todo] = loss.detach().reshape(-1).to(probe_loss.dtype)
-                finally:
-                    self.steps = steps
+            for row, target in enumerate(targets):  # the probe: every target, a few steps, every robust example
+                todo, loss = self._run(target, self.probe_steps, robust, x, y, robust, adv)
+                probe_loss[row, todo] = loss.detach().reshape(-1).to(probe_loss.dtype)
+            for row, target in enumerate(targets):  # the full runs, where the probe came within the margin
+                for _ in range(self.n_restarts):
+                    self._run(target, self.steps, robust & (probe_loss[row] >= -self.probe_margin), x, y, robust, adv)
             return robust, adv
+
+        def _run(self, target, steps, attacked, x, y, robust, adv):
+            """One single run towards `target` for `steps` steps on the `attacked` examples; what it fools leaves
+            `robust` and takes its point in `adv`. Returns the attacked indices and their best loss."""
+            todo = attacked.nonzero().flatten()
+            if len(todo) == 0:
+                return todo, torch.empty(0, device=x.device)
+            self.target_class, full_steps, self.steps = target, self.steps, steps
+            try:
+                _, correct, loss, x_adv = self.attack_single_run(x[todo], y[todo])
+            finally:
+                self.steps = full_steps
+            fooled = correct == 0
+            robust[todo[fooled]] = False
+            adv[todo[fooled]] = x_adv[fooled].clone()
+            return todo, loss
 
     return APGDTFrom
 
