@@ -67,6 +67,18 @@ def evaluate_probe(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch
                        {name: np.asarray(value) for name, value in arrays.items()})
 
 
+def _craft(cell: Cell, attack, counter: EvaluationCounter, xb: torch.Tensor, yb: torch.Tensor, index: np.ndarray, *,
+           eot_draws: int, stop_when_fooled: bool) -> tuple[torch.Tensor, float]:
+    """One batch of the cell's adversarial examples (example i draws from its own stream (cell seed, i)), checked
+    against the threat model, and the attack's seconds."""
+    start = time.perf_counter()
+    x_adv = attack(counter if eot_draws == 1 else AveragedOverDraws(counter, eot_draws), xb, yb, eps=cell.eps,
+                   generator=ExampleRandomness(cell.seed, index), stop_when_fooled=stop_when_fooled)
+    seconds = time.perf_counter() - start
+    verify(xb, x_adv, cell.attack.norm, cell.eps)
+    return x_adv, seconds
+
+
 def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, *, batch_size: int,
                   device: torch.device, source_model: torch.nn.Module | None = None,
                   attacked: np.ndarray | None = None, clean_correct: np.ndarray | None = None,
@@ -98,11 +110,9 @@ def evaluate_cell(cell: Cell, model: torch.nn.Module, x: torch.Tensor, y: torch.
         index = todo[begin : begin + batch_size]
         rows = torch.from_numpy(index)
         xb, yb = x[rows].to(device), y[rows].to(device)
-        start = time.perf_counter()
-        x_adv = attack(counter if eot_draws == 1 else AveragedOverDraws(counter, eot_draws), xb, yb, eps=cell.eps,
-                       generator=ExampleRandomness(cell.seed, index), stop_when_fooled=source_model is None)
-        seconds += time.perf_counter() - start
-        verify(xb, x_adv, cell.attack.norm, cell.eps)
+        x_adv, batch_seconds = _craft(cell, attack, counter, xb, yb, index, eot_draws=eot_draws,
+                                      stop_when_fooled=source_model is None)
+        seconds += batch_seconds
         with torch.no_grad():
             adv_correct[index] = (model(x_adv).argmax(1) == yb).cpu().numpy()
     return CellOutcome(clean_correct, adv_correct, seconds, counter.forward_evals, counter.gradient_evals,
@@ -123,11 +133,8 @@ def evaluate_transfer(cell: Cell, source: torch.nn.Module, targets: list[torch.n
     for begin in range(0, len(x), batch_size):
         index = np.arange(begin, min(begin + batch_size, len(x)))
         xb, yb = x[begin : begin + batch_size].to(device), y[begin : begin + batch_size].to(device)
-        start = time.perf_counter()
-        x_adv = attack(counter if eot_draws == 1 else AveragedOverDraws(counter, eot_draws), xb, yb, eps=cell.eps,
-                       generator=ExampleRandomness(cell.seed, index), stop_when_fooled=False)
-        seconds += time.perf_counter() - start
-        verify(xb, x_adv, cell.attack.norm, cell.eps)
+        x_adv, batch_seconds = _craft(cell, attack, counter, xb, yb, index, eot_draws=eot_draws, stop_when_fooled=False)
+        seconds += batch_seconds
         with torch.no_grad():
             adv_correct[index] = (source(x_adv).argmax(1) == yb).cpu().numpy()
             for row, target in enumerate(targets):

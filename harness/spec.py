@@ -103,16 +103,16 @@ def _replicas(path, raw_defenses: dict, defenses: tuple[DefenseSpec, ...], seeds
     return tuple(replicas)
 
 
-def _check_seeds(path, raw_defenses: dict, defenses: tuple[DefenseSpec, ...], benchmark_seeds) -> None:
+def _check_seeds(path, raw_defenses: dict, defenses: tuple[DefenseSpec, ...], rows: set[str], benchmark_seeds) -> None:
     """A defense's own `seed` fixes one model; `training_seeds` trains replicas of a row at several: not both, and
     no replicas for a model without a row ([benchmark] training_seeds applies to the rows only)."""
     for defense in defenses:
         table = raw_defenses[defense.name]
-        seeds = table.get("training_seeds", benchmark_seeds if table.get("row", True) else None)
+        seeds = table.get("training_seeds", benchmark_seeds if defense.name in rows else None)
         if defense.seed is not None and seeds is not None:
             fail(path, f"defenses.{defense.name}.seed", "seed trains this one model at one seed, training_seeds (here "
                                                          "or in [benchmark]) trains replicas at several: give one")
-        if not table.get("row", True) and "training_seeds" in table:
+        if defense.name not in rows and "training_seeds" in table:
             fail(path, f"defenses.{defense.name}.training_seeds",
                  "replicas belong to a row; this defense has row = false")
 
@@ -245,11 +245,12 @@ def load(path: str | Path) -> BenchmarkSpec:
         fail(path, "defenses", "needs at least one [defenses.NAME] table")
     loaded = tuple(_load_defense(path, name, table) for name, table in raw["defenses"].items())
     _check_ensemble_sources(path, loaded)
-    defenses = tuple(d for d in loaded if raw["defenses"][d.name].get("row", True))
+    rows = {name for name, table in raw["defenses"].items() if table.get("row", True)}
+    defenses = tuple(d for d in loaded if d.name in rows)
     extra_models = tuple(d for d in loaded if d not in defenses)
     if not defenses:
         fail(path, "defenses", "every defense has row = false; a board needs at least one row")
-    _check_seeds(path, raw["defenses"], loaded, bench.get("training_seeds"))
+    _check_seeds(path, raw["defenses"], loaded, rows, bench.get("training_seeds"))
     replicas = _replicas(path, raw["defenses"], defenses, bench.get("training_seeds"), seed)
     transfer = None if "transfer" not in raw else load_transfer(path, raw["transfer"], loaded, diameter)
     for model in extra_models:
