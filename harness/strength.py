@@ -93,6 +93,7 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
     ours = np.logical_and.reduce([done[cell.key].robust_correct for cell in chain])
     rows = [_row(OURS, "+".join(dict.fromkeys(c.attack.label for c in columns)), ours, ours_seconds,
                  sum(done[c.key].forward_evals for c in chain), sum(done[c.key].gradient_evals for c in chain))]
+    rows[0]["columns"] = _by_column(chain, done)
 
     model = runner.model(defense)
     weights = weights_digest(prepared[defense].weights)
@@ -127,6 +128,20 @@ def compare(spec: BenchmarkSpec, *, defense: str, norm: Norm, eps: float, cache_
         "commit": code_commit(), "seed": spec.seed,
         "date": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"), "rows": rows,
     }
+
+
+def _by_column(chain: list, done: dict[str, CellOutcome]) -> list[dict]:
+    """Where ours spends, in the order the chain runs: each column's model evaluations and the examples it broke
+    that no column before it had (the clean pass first, as "clean", breaking none)."""
+    columns, standing = [], done[chain[0].key].clean_correct.copy()
+    for cell in chain:
+        outcome = done[cell.key]
+        broken = standing & ~outcome.robust_correct
+        standing &= outcome.robust_correct
+        columns.append({"label": "clean" if cell.attack is None else cell.attack.label,
+                        "forward_evals": int(outcome.forward_evals), "gradient_evals": int(outcome.gradient_evals),
+                        "broken_first": int(broken.sum())})
+    return columns
 
 
 def reusable_row(reuse: list[dict], identity: dict, attack_id: str, options: tuple) -> dict | None:

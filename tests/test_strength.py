@@ -61,11 +61,26 @@ def test_ours_is_the_per_example_worst_case_and_contenders_are_counted(tmp_path,
     for row in result["rows"]:
         assert row["forward_evals"] >= 60 and row["seconds"] > 0  # the clean pass is in every row
     assert autoattack["gradient_evals"] > 0 and 0 <= autoattack["robust"] <= result["clean"]
+    # where ours spends: the columns' evaluations add up to ours, their first breaks to every clean-correct example
+    # ours broke (pgd, after fgsm, breaks what fgsm left)
+    columns = ours["columns"]
+    assert [column["label"] for column in columns] == ["clean", "fgsm", "pgd"] and columns[0]["broken_first"] == 0
+    assert sum(column["forward_evals"] for column in columns) == ours["forward_evals"]
+    assert sum(column["gradient_evals"] for column in columns) == ours["gradient_evals"]
+    assert sum(column["broken_first"] for column in columns) == round(60 * result["clean"] / 100) - sum(
+        ours["robust_vector"])
+    assert columns[2]["broken_first"] == int((alone[0] & ~alone[1]).sum())
     # JSON round trip and the attack-cost.md section
     saved = strength.load(strength.write({"comparisons": [result]}, tmp_path / "out" / "strength.json"))
     text = "\n".join(strength_summary(saved) + strength_section(saved[0]))
     assert "Strength per cost against AutoAttack" in text and "of its model evaluations in total" in text
     assert f"| {ours['robust']:.2f} " in text and "### `natural`, L∞ 0.15" in text
+    spent = columns[2]["forward_evals"] + columns[2]["gradient_evals"]
+    share = spent / (autoattack["forward_evals"] + autoattack["gradient_evals"])
+    assert "**Where ours spends**" in text
+    spending = text.split("**Where ours spends**")[1].split("###")[0]
+    cells = [[cell.strip() for cell in line.split("|")[1:-1]] for line in spending.splitlines() if "|" in line]
+    assert ["L∞ 0.15", "pgd", "1", f"{share:.3f}", str(columns[2]["broken_first"])] in cells
     assert strength.load(strength.write(result, tmp_path / "one.json")) == [result]  # a single comparison reads too
 
     # --reuse: a contender row of an earlier run on the same weights, examples, threat, options and versions is

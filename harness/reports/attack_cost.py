@@ -162,6 +162,41 @@ def strength_summary(comparisons: list[dict]) -> list[str]:
         f"for **{ratio:.3f}** of its model evaluations in total ({ours_total:,} against {reference_total:,}; "
         f"target: at most 0.05, {'met' if ratio <= 0.05 else 'NOT met'}).",
         "",
+        *spending_lines(comparisons),
+    ]
+
+
+def spending_lines(comparisons: list[dict]) -> list[str]:
+    """Where ours spends, per threat and column: the column's model evaluations summed over the comparisons that
+    run it, as a share of AutoAttack's evaluations on those same comparisons, and the examples it broke first."""
+    from harness.strength import OURS
+
+    totals: dict[tuple[str, str], dict] = {}
+    for result in comparisons:
+        ours = next(row for row in result["rows"] if row["label"] == OURS)
+        reference = _reference(result["rows"])
+        if reference is None or "columns" not in ours:  # a comparison from before the breakdown was recorded
+            continue
+        threat = f"{'L∞' if result['norm'] == 'linf' else 'L2'} {result['eps']:g}"
+        for column in ours["columns"]:
+            entry = totals.setdefault((threat, column["label"]), {"comparisons": 0, "ours": 0, "AA": 0, "broken": 0})
+            entry["comparisons"] += 1
+            entry["ours"] += _evaluations(column)
+            entry["AA"] += _evaluations(reference)
+            entry["broken"] += column["broken_first"]
+    if not totals:
+        return []
+    table = pd.DataFrame([{"threat": threat, "column": label, "comparisons": entry["comparisons"],
+                           "its evals / AA evals": entry["ours"] / max(entry["AA"], 1),
+                           "broken first (examples)": entry["broken"]}
+                          for (threat, label), entry in totals.items()])
+    return [
+        "**Where ours spends**: each column of ours (in the order it runs; `clean` is the pass that picks the "
+        "attacked examples) with its model evaluations summed over the comparisons that run it, as a share of "
+        "AutoAttack's evaluations on those same comparisons, and the examples it broke that no column before it had.",
+        "",
+        markdown_table(table, digits=3),
+        "",
     ]
 
 
