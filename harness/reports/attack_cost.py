@@ -186,10 +186,12 @@ def spending_lines(comparisons: list[dict]) -> list[str]:
             entry["broken"] += column["broken_first"]
     if not totals:
         return []
+    threats = list(dict.fromkeys(threat for threat, _ in totals))
     table = pd.DataFrame([{"threat": threat, "column": label, "comparisons": entry["comparisons"],
                            "its evals / AA evals": entry["ours"] / max(entry["AA"], 1),
                            "broken first (examples)": entry["broken"]}
-                          for (threat, label), entry in totals.items()])
+                          for (threat, label), entry in sorted(totals.items(), key=lambda item: threats.index(
+                              item[0][0]))])  # stable: within a threat, the order the columns first ran
     return [
         "**Where ours spends**: each column of ours (in the order it runs; `clean` is the pass that picks the "
         "attacked examples) with its model evaluations summed over the comparisons that run it, as a share of "
