@@ -8,6 +8,7 @@ from pathlib import Path
 import pandas as pd
 
 from harness.reports.markdown import markdown_table
+from harness.threat import Norm
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 # The inputs tests/bench times the floor's forward + backward at, as attack-cost.md names them.
@@ -113,16 +114,23 @@ def _reference(rows: list[dict]) -> dict | None:
                  if row["attack"].startswith(prefix)), None)
 
 
+def _ours(result: dict) -> dict:
+    from harness.strength import OURS
+
+    return next(row for row in result["rows"] if row["label"] == OURS)
+
+
+def _threat(result: dict) -> str:
+    return f"{Norm.parse(result['norm']).symbol} {result['eps']:g}"
+
+
 def strength_summary(comparisons: list[dict]) -> list[str]:
     """One row per compared (defense, threat): ours against AutoAttack, examples each broke that the other missed,
     model evaluations; then the totals against the targets."""
-    from harness.strength import OURS
-
     rows, ours_total, reference_total, met = [], 0, 0, 0
     benchmarks = list(dict.fromkeys(result["benchmark"] for result in comparisons))
     for result in comparisons:
-        ours = next(row for row in result["rows"] if row["label"] == OURS)
-        reference = _reference(result["rows"])
+        ours, reference = _ours(result), _reference(result["rows"])
         if reference is None:
             continue
         ours_total, reference_total = ours_total + _evaluations(ours), reference_total + _evaluations(reference)
@@ -132,7 +140,7 @@ def strength_summary(comparisons: list[dict]) -> list[str]:
                      and row is not reference), None)
         rows.append({
             "defense": result["defense"] + (f" ({result['benchmark']})" if len(benchmarks) > 1 else ""),
-            "threat": f"{'L∞' if result['norm'] == 'linf' else 'L2'} {result['eps']:g}",
+            "threat": _threat(result),
             "ours (%)": ours["robust"], "AutoAttack (%)": reference["robust"],
             "torchattacks port (%)": "-" if port is None else f"{port['robust']:.1f}",
             "ours − AA (examples)": gap, "AA broke, ours missed": reference["broken_only_by_this"],
@@ -169,29 +177,24 @@ def strength_summary(comparisons: list[dict]) -> list[str]:
 def spending_lines(comparisons: list[dict]) -> list[str]:
     """Where ours spends, per threat and column: the column's model evaluations summed over the comparisons that
     run it, as a share of AutoAttack's evaluations on those same comparisons, and the examples it broke first."""
-    from harness.strength import OURS
-
-    totals: dict[tuple[str, str], dict] = {}
+    totals: dict[str, dict[str, dict]] = {}  # threat -> column -> sums, each in the order first seen
     for result in comparisons:
-        ours = next(row for row in result["rows"] if row["label"] == OURS)
-        reference = _reference(result["rows"])
+        ours, reference = _ours(result), _reference(result["rows"])
         if reference is None or "columns" not in ours:  # a comparison from before the breakdown was recorded
             continue
-        threat = f"{'L∞' if result['norm'] == 'linf' else 'L2'} {result['eps']:g}"
         for column in ours["columns"]:
-            entry = totals.setdefault((threat, column["label"]), {"comparisons": 0, "ours": 0, "AA": 0, "broken": 0})
+            entry = totals.setdefault(_threat(result), {}).setdefault(
+                column["label"], {"comparisons": 0, "ours": 0, "AA": 0, "broken": 0})
             entry["comparisons"] += 1
             entry["ours"] += _evaluations(column)
             entry["AA"] += _evaluations(reference)
             entry["broken"] += column["broken_first"]
     if not totals:
         return []
-    threats = list(dict.fromkeys(threat for threat, _ in totals))
     table = pd.DataFrame([{"threat": threat, "column": label, "comparisons": entry["comparisons"],
                            "its evals / AA evals": entry["ours"] / max(entry["AA"], 1),
                            "broken first (examples)": entry["broken"]}
-                          for (threat, label), entry in sorted(totals.items(), key=lambda item: threats.index(
-                              item[0][0]))])  # stable: within a threat, the order the columns first ran
+                          for threat, columns in totals.items() for label, entry in columns.items()])
     return [
         "**Where ours spends**: each column of ours (in the order it runs; `clean` is the pass that picks the "
         "attacked examples) with its model evaluations summed over the comparisons that run it, as a share of "
@@ -213,9 +216,8 @@ def strength_section(result: dict) -> list[str]:
         "broke what ours missed": "-" if row.get("broken_only_by_this") is None else row["broken_only_by_this"],
         "missed what ours broke": "-" if row.get("missed_by_this") is None else row["missed_by_this"],
     } for row in result["rows"]])
-    symbol = "L∞" if result["norm"] == "linf" else "L2"
     return [
-        f"### `{result['defense']}`, {symbol} {result['eps']:g} ({result['benchmark']})",
+        f"### `{result['defense']}`, {_threat(result)} ({result['benchmark']})",
         "",
         f"Clean {result['clean']:.1f}% on {result['examples']} images; ours = {', '.join(result['ours_columns'])}; "
         f"{result['device']}.",
