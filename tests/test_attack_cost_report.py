@@ -131,3 +131,13 @@ def test_a_comparison_without_the_port_row_shows_a_dash_and_says_why():
     # comparisons from two benchmarks: each row names its benchmark
     text = "\n".join(strength_summary([with_port, {**comparison("atda", 18.4, 14.4), "benchmark": "mnist-li"}]))
     assert "(b, mnist-li," in text and "| atda (mnist-li) " in text and "| pgd-at (b) " in text and "**1 of 2**" in text
+
+
+def test_the_cost_is_also_given_per_threat_since_the_total_depends_on_which_threats_are_compared():
+    from harness.reports.attack_cost import strength_summary
+
+    l2 = {**comparison("pgd-at", 40.0, 41.0), "norm": "l2", "eps": 2.0}
+    l2["rows"] = [{**l2["rows"][0], "forward_evals": 200, "gradient_evals": 100}, l2["rows"][1]]  # 300 / 3,000
+    text = "\n".join(strength_summary([comparison("pgd-at", 62.0, 63.0), l2, comparison("trades", 42.0, 43.0)]))
+    assert "for **0.067** of its model evaluations in total (600 against 9,000" in text
+    assert "by threat: L∞ 0.3 0.050 (2 comparisons); L2 2 0.100 (1 comparison)." in text

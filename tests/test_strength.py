@@ -118,3 +118,22 @@ def test_bad_requests_name_what_is_allowed(tmp_path, mnist):
     with pytest.raises(ValueError, match="not a strength-per-cost result"):
         (tmp_path / "x.json").write_text("{}")
         strength.load(tmp_path / "x.json")
+
+
+def test_a_training_seed_replica_compares_at_the_rank_by_threat_only(tmp_path, mnist):
+    """The board's seed table reports each replica's worst case at the rank-by threat: strength-per-cost compares it
+    there, on the replica's own weights, and names the rank-by threat when asked for another."""
+    path = tmp_path / "spec.toml"
+    path.write_text(SPEC.replace('cascade = true', 'cascade = true\nrank_by = ["linf", 0.15]\ntraining_seeds = [0, 1]')
+                    .replace("linf = [0.15]", "linf = [0.1, 0.15]"))
+    spec = spec_module.load(path)
+    with pytest.raises(ValueError, match=r"'natural@seed1' is a training-seed replica: it runs only the rank-by "
+                                         r"threat \(linf eps 0.15\), not linf eps 0.1"):
+        strength.compare(spec, defense="natural@seed1", norm=Norm.LINF, eps=0.1, cache_dir=tmp_path,
+                         device=torch.device("cpu"), data=mnist)
+    results = {name: strength.compare(spec, defense=name, norm=Norm.LINF, eps=0.15, cache_dir=tmp_path / "ckpt",
+                                      device=torch.device("cpu"), contenders=CONTENDERS[1:], progress=False, data=mnist)
+               for name in ("natural", "natural@seed1")}
+    assert results["natural@seed1"]["defense"] == "natural@seed1"
+    assert results["natural@seed1"]["weights"] != results["natural"]["weights"]  # the replica's own model
+    assert [r["label"] for r in results["natural@seed1"]["rows"]] == [strength.OURS, "pgd alone"]

@@ -216,3 +216,34 @@ def test_a_first_target_past_the_wrong_classes_is_an_error_naming_the_limit():
     with pytest.raises(ValueError, match="first_target is at most 9"):
         attack.run(_RankedLogits(), torch.zeros(2, 1, 1, 10), torch.zeros(2, dtype=torch.long), eps=0.3,
                    rng=ExampleRandomness(0, torch.arange(2)))
+
+
+ONE_STEP_THEN_PGD = """
+[benchmark]
+name = "one-step-only"
+dataset = "mnist5k"
+
+[eps]
+linf = [0.1, 0.3]
+
+[defenses.natural]
+recipe = "natural"
+
+[attacks.fgsm]
+attack = "fgsm"
+
+[attacks.pgd]
+attack = "pgd-linf"
+eps = {pgd_eps}
+"""
+
+
+def test_a_threat_where_only_one_step_attacks_ran_is_named_no_worst_case(tmp_path):
+    from harness.reports.leaderboard import _one_step_only_note
+
+    path = tmp_path / "b.toml"
+    path.write_text(ONE_STEP_THEN_PGD.format(pgd_eps="[0.1]"))
+    note = "\n".join(_one_step_only_note(spec_module.load(path)))
+    assert note.startswith("**Not a worst case at L∞ 0.3**: only one-step attacks (fgsm) ran there"), note
+    path.write_text(ONE_STEP_THEN_PGD.format(pgd_eps="[0.1, 0.3]"))
+    assert _one_step_only_note(spec_module.load(path)) == []

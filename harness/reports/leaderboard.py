@@ -15,6 +15,20 @@ from harness.reports.ranking import (interval_footnote, ranking_frame, ranking_n
                                      with_intervals)
 
 
+def _one_step_only_note(spec) -> list[str]:
+    """Where only one-step attacks ran, the lowest of their accuracies is no worst case (iterative attacks go far
+    lower): the board says so rather than let its Worst column read as robustness."""
+    threats = [(norm, eps) for norm, grid in spec.eps for eps in grid
+               if {a.family for a in spec.attacks if a.norm is norm and eps in a.eps} == {"one-step"}]
+    if not threats:
+        return []
+    labels = sorted({a.label for a in spec.attacks if any(a.norm is norm and eps in a.eps for norm, eps in threats)})
+    return [f"**Not a worst case at {', '.join(_column(*threat) for threat in threats)}**: only one-step attacks "
+            f"({', '.join(labels)}) ran there, so Worst is the lowest of their accuracies, an upper bound on robust "
+            "accuracy that an iterative attack can take far lower. Read robustness where iterative and targeted "
+            "columns ran.", ""]
+
+
 def render_markdown(board: Leaderboard, *, command: str, figure: str, training_figure: str | None = None) -> str:
     # Long by design: the board's sections in reading order, one after another.
     spec = board.spec
@@ -35,6 +49,7 @@ def render_markdown(board: Leaderboard, *, command: str, figure: str, training_f
         "thousands of model evaluations (examples sent forward plus examples back-propagated, adversary included).",
         "",
     ]
+    lines += _one_step_only_note(spec)
     if spec.checks:
         lines += [f"**Sanity** is the worst verdict of {len(spec.checks)} checks that tell robustness from gradient "
                   f"masking (pass / warn / fail; the link leads to its figures and reasons in `{board_file(spec, 'sanity')}`). "
