@@ -127,16 +127,12 @@ def _threat(result: dict) -> str:
 def strength_summary(comparisons: list[dict]) -> list[str]:
     """One row per compared (defense, threat): ours against AutoAttack, examples each broke that the other missed,
     model evaluations; then the totals against the targets."""
-    rows, ours_total, reference_total, met = [], 0, 0, 0
-    by_threat: dict[str, list[int]] = {}  # threat -> [comparisons, ours, AA], in the order first seen
+    rows, met = [], 0
     benchmarks = list(dict.fromkeys(result["benchmark"] for result in comparisons))
     for result in comparisons:
         ours, reference = _ours(result), _reference(result["rows"])
         if reference is None:
             continue
-        ours_total, reference_total = ours_total + _evaluations(ours), reference_total + _evaluations(reference)
-        threat = by_threat.setdefault(_threat(result), [0, 0, 0])
-        threat[0], threat[1], threat[2] = threat[0] + 1, threat[1] + _evaluations(ours), threat[2] + _evaluations(reference)
         gap = round((ours["robust"] - reference["robust"]) * result["examples"] / 100)
         met += gap <= 1
         port = next((row for row in result["rows"] if row["attack"].startswith("autoattack-standard")
@@ -153,7 +149,11 @@ def strength_summary(comparisons: list[dict]) -> list[str]:
         })
     if not rows:
         return []
+    ours_total, reference_total = sum(row["ours evals"] for row in rows), sum(row["AA evals"] for row in rows)
     ratio = ours_total / max(reference_total, 1)
+    by_threat: dict[str, list[dict]] = {}  # in the order first seen
+    for row in rows:
+        by_threat.setdefault(row["threat"], []).append(row)
     return [
         STRENGTH_HEADING,
         "",
@@ -173,8 +173,8 @@ def strength_summary(comparisons: list[dict]) -> list[str]:
         f"for **{ratio:.3f}** of its model evaluations in total ({ours_total:,} against {reference_total:,}; "
         f"target: at most 0.05, {'met' if ratio <= 0.05 else 'NOT met'}). The total depends on which threats are "
         "compared, since AutoAttack's Square spends 5,000 queries on every example that stays robust; by threat: "
-        + "; ".join(f"{threat} {ours / max(aa, 1):.3f} ({count} comparison{'s' if count > 1 else ''})"
-                    for threat, (count, ours, aa) in by_threat.items()) + ".",
+        + "; ".join(f"{threat} {sum(r['ours evals'] for r in same) / max(sum(r['AA evals'] for r in same), 1):.3f} "
+                    f"({len(same)} comparison{'s' if len(same) > 1 else ''})" for threat, same in by_threat.items()) + ".",
         "",
         *spending_lines(comparisons),
     ]

@@ -9,6 +9,7 @@ import pandas as pd
 from harness.cells import CLEAN
 from harness.planning import attacks_every_clean_example, cascade_order, runs_on_every_example
 from harness.provenance import code_commit
+from harness.registry import Family
 from harness.reports.aggregate import Leaderboard, _column, overall, board_file, passes_sanity
 from harness.reports.markdown import MISSING, markdown_table as _markdown
 from harness.reports.ranking import (interval_footnote, ranking_frame, ranking_note, seed_spread_frame, seed_spread_note,
@@ -18,12 +19,16 @@ from harness.reports.ranking import (interval_footnote, ranking_frame, ranking_n
 def _one_step_only_note(spec) -> list[str]:
     """Where only one-step attacks ran, the lowest of their accuracies is no worst case (iterative attacks go far
     lower): the board says so rather than let its Worst column read as robustness."""
-    threats = [(norm, eps) for norm, grid in spec.eps for eps in grid
-               if {a.family for a in spec.attacks if a.norm is norm and eps in a.eps} == {"one-step"}]
-    if not threats:
+    one_step_only = {}  # (norm, eps) -> the columns there
+    for norm, grid in spec.eps:
+        for eps in grid:
+            columns = [a for a in spec.attacks if a.norm is norm and eps in a.eps]
+            if columns and all(a.family == Family.ONE_STEP.value for a in columns):
+                one_step_only[(norm, eps)] = columns
+    if not one_step_only:
         return []
-    labels = sorted({a.label for a in spec.attacks if any(a.norm is norm and eps in a.eps for norm, eps in threats)})
-    return [f"**Not a worst case at {', '.join(_column(*threat) for threat in threats)}**: only one-step attacks "
+    labels = sorted({a.label for columns in one_step_only.values() for a in columns})
+    return [f"**Not a worst case at {', '.join(_column(*threat) for threat in one_step_only)}**: only one-step attacks "
             f"({', '.join(labels)}) ran there, so Worst is the lowest of their accuracies, an upper bound on robust "
             "accuracy that an iterative attack can take far lower. Read robustness where iterative and targeted "
             "columns ran.", ""]
