@@ -48,7 +48,9 @@ CASES = (("pgd-at", Norm.LINF, 0.3), ("trades", Norm.LINF, 0.3), ("ls-gn", Norm.
          ("lsq-gn", Norm.L2, 2.0), ("fgsm-at", Norm.L2, 2.0), ("step-ll-at", Norm.L2, 2.0), ("trades", Norm.L2, 2.0),
          ("fgsm-at-full", Norm.L2, 2.0), ("gn", Norm.L2, 2.0), ("step-rnd-at", Norm.L2, 2.0), ("natural", Norm.LINF, 0.1),
          ("ls-gn", Norm.LINF, 0.1), ("gn", Norm.LINF, 0.1), ("step-ll-at", Norm.LINF, 0.1), ("lsq-gn", Norm.LINF, 0.1),
-         ("step-rnd-at", Norm.LINF, 0.1), ("fgsm-at", Norm.LINF, 0.1))
+         ("step-rnd-at", Norm.LINF, 0.1), ("fgsm-at", Norm.LINF, 0.1), ("trades", Norm.LINF, 0.1),
+         ("fgsm-at-full", Norm.LINF, 0.1), ("pgd-at-l2", Norm.LINF, 0.1), ("pgd-at", Norm.LINF, 0.1),
+         ("trades@seed1", Norm.LINF, 0.3), ("trades@seed2", Norm.LINF, 0.3))
 
 
 def default_contenders(norm: Norm) -> tuple:
