@@ -207,30 +207,67 @@ def torchattacks_fab_targeted_l2(*, steps: int = 100, targets: int = 9) -> Attac
     return _fab_targeted("ta-fab-t-l2", Norm.L2, steps, targets)
 
 
-def _square(name: str, norm: Norm, queries: int, p_init: float) -> Attack:
+@functools.cache
+def _square_gated_class():
+    """torchattacks' Square with an optional probe. Square spends its whole query budget on every example it does not
+    break, which on the last survivors of a sound defense buys nothing: there the gradient columns already found what
+    a random search finds. The probe (`probe_queries` > 0) runs Square's schedule at that short budget on the batch
+    first; only when it breaks at least one example (a sign that the gradients fail on this model: masking, or too
+    weak an attack) does the full budget run, on the examples the probe left."""
     import torchattacks
 
+    class SquareGated(torchattacks.Square):
+        probe_queries = 0
+
+        def perturb(self, x, y=None):
+            if not self.probe_queries:
+                return super().perturb(x, y)
+            full, self.n_queries = self.n_queries, self.probe_queries
+            try:
+                adv = super().perturb(x, y)
+            finally:
+                self.n_queries = full
+            robust = self.get_logits(x).max(1)[1] == y
+            left = robust & (self.get_logits(adv).max(1)[1] == y)
+            if bool((robust & ~left).any()):
+                rest = left.nonzero().flatten()
+                if len(rest):
+                    adv[rest] = super().perturb(x[rest], y[rest])
+            return adv
+
+    return SquareGated
+
+
+def _square(name: str, norm: Norm, queries: int, p_init: float, probe_queries: int = 0) -> Attack:
     queries = _positive_int(queries, "queries")
     if not 0 < p_init <= 1:
         raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
-    return TorchattacksAttack(
-        name, norm,
-        lambda model, eps, seed: torchattacks.Square(model, norm=LIBRARY_NORMS[norm], eps=eps, n_queries=queries,
-                                                     n_restarts=1, p_init=p_init, loss="margin", seed=seed),
-        family="gradient-free",
-    )
+    if isinstance(probe_queries, bool) or not isinstance(probe_queries, int) or probe_queries < 0:
+        raise ValueError(f"probe_queries must be 0 (no probe) or a positive integer, got {probe_queries!r}")
+    if probe_queries >= queries:
+        raise ValueError(f"probe_queries ({probe_queries}) must be below queries ({queries}): the probe is the short run")
+
+    def build(model, eps, seed):
+        attack = _square_gated_class()(model, norm=LIBRARY_NORMS[norm], eps=eps, n_queries=queries, n_restarts=1,
+                                       p_init=p_init, loss="margin", seed=seed)
+        attack.probe_queries = probe_queries
+        return attack
+
+    return TorchattacksAttack(name, norm, build, family="gradient-free")
 
 
 @ATTACKS.register("ta-square", norm="linf", family="gradient-free", library="torchattacks")
-def torchattacks_square(*, queries: int = 1000, p_init: float = 0.8) -> Attack:
-    """torchattacks Square, Linf (Andriushchenko et al. 2020): random search on the margin, no gradients."""
-    return _square("ta-square", Norm.LINF, queries, p_init)
+def torchattacks_square(*, queries: int = 1000, p_init: float = 0.8, probe_queries: int = 0) -> Attack:
+    """torchattacks Square, Linf (Andriushchenko et al. 2020): random search on the margin, no gradients;
+    `probe_queries` > 0 spends the full budget on a batch only when that short probe broke an example of it."""
+    return _square("ta-square", Norm.LINF, queries, p_init, probe_queries)
 
 
 @ATTACKS.register("ta-square-l2", norm="l2", family="gradient-free", library="torchattacks")
-def torchattacks_square_l2(*, queries: int = 1000, p_init: float = 0.8) -> Attack:
-    """torchattacks Square, L2 (Andriushchenko et al. 2020): random search on the margin, no gradients."""
-    return _square("ta-square-l2", Norm.L2, queries, p_init)
+def torchattacks_square_l2(*, queries: int = 1000, p_init: float = 0.8, probe_queries: int = 0) -> Attack:
+    """torchattacks Square, L2 (Andriushchenko et al. 2020): random search on the margin, no gradients;
+    `probe_queries` > 0 spends the full budget on a batch only when that short probe broke an example of it."""
+    return _square("ta-square-l2", Norm.L2, queries, p_init, probe_queries)
 
 
 # --- AutoAttack ---------------------------------------------------------------------------------------

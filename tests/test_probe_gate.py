@@ -81,3 +81,98 @@ def test_the_gated_attack_keeps_what_its_probe_broke_and_costs_less_than_the_ful
 def test_bad_probe_options_are_errors_naming_the_option_and_what_is_allowed(options, message):
     with pytest.raises(ValueError, match=message):
         ATTACKS.get("ta-apgd-t-l2")(**options)
+
+
+# --- Square with a probe: the full query budget only where the probe found the gradient columns failing ----------
+
+class _FooledMarker(torch.nn.Module):
+    """Class 0 unless the second pixel is set (class 1): the recording fake marks what it fooled there."""
+
+    def forward(self, x):
+        marked = x.flatten(1)[:, 1:2]
+        return torch.cat([1 - marked, marked], 1)
+
+
+def _recording_square(monkeypatch, fools):
+    """Square's single run replaced by a recorder: `fools[n_queries]` are the examples a run of that budget fools."""
+    import torchattacks
+
+    calls = []
+
+    def single_run(self, x, y):
+        examples = tuple(int(v) for v in x.flatten(1)[:, 0].round())
+        calls.append((self.n_queries, examples))
+        x_adv = x.clone()
+        for row, example in enumerate(examples):
+            if example in fools.get(self.n_queries, ()):
+                x_adv.view(len(x), -1)[row, 1] = 1.0
+        return torch.full((len(x),), float(self.n_queries)), x_adv
+
+    monkeypatch.setattr(torchattacks.Square, "attack_single_run", single_run)
+    return calls
+
+
+def _square_batch():
+    x = torch.zeros(4, 1, 1, 10)
+    x[:, 0, 0, 0] = torch.arange(4.0)
+    return x, torch.zeros(4, dtype=torch.long)
+
+
+@pytest.mark.parametrize("name", ["ta-square", "ta-square-l2"])
+def test_square_spends_its_full_budget_only_on_a_batch_whose_probe_broke_an_example(monkeypatch, name):
+    """The probe runs Square at probe_queries on the whole batch; nothing broken ends the attack there. When the probe
+    breaks an example, the full budget runs once on the examples it left, and what either run broke stays broken."""
+    x, y = _square_batch()
+    attack = ATTACKS.get(name)(queries=500, probe_queries=20)
+
+    calls = _recording_square(monkeypatch, {})
+    x_adv = attack.run(_FooledMarker(), x, y, eps=0.3, rng=ExampleRandomness(0, torch.arange(4)))
+    assert calls == [(20, (0, 1, 2, 3))]
+    assert (_FooledMarker()(x_adv).argmax(1) == 0).all()
+
+    calls = _recording_square(monkeypatch, {20: {1}, 500: {2}})
+    x_adv = attack.run(_FooledMarker(), x, y, eps=0.3, rng=ExampleRandomness(0, torch.arange(4)))
+    assert calls == [(20, (0, 1, 2, 3)), (500, (0, 2, 3))]
+    assert _FooledMarker()(x_adv).argmax(1).tolist() == [0, 1, 1, 0]
+
+
+def test_square_without_a_probe_runs_the_full_budget_on_every_example(monkeypatch):
+    x, y = _square_batch()
+    calls = _recording_square(monkeypatch, {})
+    ATTACKS.get("ta-square")(queries=500).run(_FooledMarker(), x, y, eps=0.3, rng=ExampleRandomness(0, torch.arange(4)))
+    assert calls == [(500, (0, 1, 2, 3))]
+
+
+def test_gated_square_on_a_real_model_keeps_what_its_probe_broke_and_costs_only_the_probe_where_it_broke_nothing(
+        mnist, natural_model):
+    """The probe is the library's own run at probe_queries (same seed, same examples): the gated attack breaks every
+    example that run breaks. At an eps where the probe breaks nothing, the attack costs the probe's queries only."""
+    x, y = mnist.x_test[:60], mnist.y_test[:60]
+    rng = lambda: ExampleRandomness(0, torch.arange(len(x)))  # noqa: E731
+
+    def run(eps, **options):
+        counter = EvaluationCounter(natural_model)
+        x_adv = ATTACKS.get("ta-square")(**options).run(counter, x, y, eps=eps, rng=rng())
+        with torch.no_grad():
+            robust = (natural_model(x_adv).argmax(1) == y).numpy()
+        return robust, counter.forward_evals + counter.gradient_evals
+
+    probe_only, _ = run(0.3, queries=30)
+    gated, _ = run(0.3, queries=300, probe_queries=30)
+    assert not (gated & ~probe_only).any() and gated.sum() < probe_only.sum()
+    quiet, quiet_cost = run(0.005, queries=300, probe_queries=30)
+    _, full_cost = run(0.005, queries=300)
+    with torch.no_grad():
+        clean = (natural_model(x).argmax(1) == y).numpy()
+    assert (quiet == clean).all()  # the probe broke nothing: no full run
+    assert quiet_cost <= 35 * len(x) < full_cost
+
+
+@pytest.mark.parametrize("options, message", [
+    ({"queries": 100, "probe_queries": 100}, "probe_queries \\(100\\) must be below queries \\(100\\)"),
+    ({"probe_queries": -5}, "probe_queries must be 0 \\(no probe\\) or a positive integer, got -5"),
+    ({"probe_queries": 1.5}, "probe_queries must be 0 \\(no probe\\) or a positive integer, got 1.5"),
+])
+def test_bad_square_probe_options_are_errors_naming_the_option_and_what_is_allowed(options, message):
+    with pytest.raises(ValueError, match=message):
+        ATTACKS.get("ta-square-l2")(**options)
