@@ -1,5 +1,6 @@
-"""Targeted APGD with a probe (the quick board's gated targeted stage): every target first runs a short probe on
-every example still robust, and its full run goes only to the examples that probe brought within the margin."""
+"""Attacks with a probe. Targeted APGD (the quick board's gated targeted stage): every target first runs a short probe
+on every example still robust, and its full run goes only to the examples that probe brought within the margin.
+Square (its gradient-free column): the full query budget runs only on a batch where a short probe broke an example."""
 import pytest
 import torch
 
