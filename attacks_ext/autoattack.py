@@ -146,13 +146,18 @@ def _apgd_targeted_class():
     return APGDTFrom
 
 
+def _probe_budget(probe, name: str, full: int, full_name: str) -> None:
+    """A probe's budget: 0 (no probe) or a positive integer below the full run's."""
+    if isinstance(probe, bool) or not isinstance(probe, int) or probe < 0:
+        raise ValueError(f"{name} must be 0 (no probe) or a positive integer, got {probe!r}")
+    if probe >= full:
+        raise ValueError(f"{name} ({probe}) must be below {full_name} ({full}): the probe is the short run")
+
+
 def _apgd_targeted(name: str, norm: Norm, steps: int, targets: int, first_target: int, probe_steps: int = 0,
                    probe_margin: float = 0.3, restarts: int = 1) -> Attack:
     steps, restarts = _positive_int(steps, "steps"), _positive_int(restarts, "restarts")
-    if isinstance(probe_steps, bool) or not isinstance(probe_steps, int) or probe_steps < 0:
-        raise ValueError(f"probe_steps must be 0 (no probe) or a positive integer, got {probe_steps!r}")
-    if probe_steps >= steps:
-        raise ValueError(f"probe_steps ({probe_steps}) must be below steps ({steps}): the probe is the short run")
+    _probe_budget(probe_steps, "probe_steps", steps, "steps")
     if isinstance(probe_margin, bool) or not isinstance(probe_margin, (int, float)) or not 0 <= probe_margin <= 1:
         raise ValueError(f"probe_margin must be in [0, 1] (the targeted DLR loss's distance below the boundary), "
                          f"got {probe_margin!r}")
@@ -242,10 +247,7 @@ def _square(name: str, norm: Norm, queries: int, p_init: float, probe_queries: i
     queries = _positive_int(queries, "queries")
     if not 0 < p_init <= 1:
         raise ValueError(f"p_init must be in (0, 1], got {p_init!r}")
-    if isinstance(probe_queries, bool) or not isinstance(probe_queries, int) or probe_queries < 0:
-        raise ValueError(f"probe_queries must be 0 (no probe) or a positive integer, got {probe_queries!r}")
-    if probe_queries >= queries:
-        raise ValueError(f"probe_queries ({probe_queries}) must be below queries ({queries}): the probe is the short run")
+    _probe_budget(probe_queries, "probe_queries", queries, "queries")
 
     def build(model, eps, seed):
         attack = _square_gated_class()(model, norm=LIBRARY_NORMS[norm], eps=eps, n_queries=queries, n_restarts=1,
