@@ -98,6 +98,18 @@ def test_full_profile_loads():
     assert ensemble.recipe.ensemble_sources == ("natural", "gn")
 
 
+@pytest.mark.parametrize("path", [QUICK, QUICK.parent / "mnist-full.toml"])
+def test_the_quick_and_full_boards_end_every_threat_with_square_at_autoattacks_budget(path):
+    # A model whose gradients fail (binarized) stood 45 points above AutoAttack at L2 and 32 examples at L-inf 0.3
+    # until Square ran on the gradient columns' survivors: every (norm, eps) the board reports needs that pass.
+    loaded = spec.load(path)
+    for norm, grid in loaded.eps:
+        for eps in grid:
+            chain = [a for a in loaded.attacks if a.norm is norm and eps in a.eps and a.source is None and not a.standalone]
+            assert chain[-1].attack_id in {"ta-square", "ta-square-l2"}, (path.name, norm, eps)
+            assert dict(chain[-1].options)["queries"] == 5000, (path.name, norm, eps)
+
+
 def test_mnist_li_reads_the_quick_boards_l2_cells_on_the_models_both_train(mnist):
     """mnist-li's L2 chain up to its own last column (targeted FAB) is the quick board's cell for cell on natural,
     pgd-at, pgd-at-l2 and trades: with one home (as in CI) it computes none of them again."""
