@@ -12,7 +12,7 @@ from pathlib import Path
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEFAULT_SPEC = "benchmarks/mnist-quick.toml"
 LISTS = ("attacks", "defenses", "models", "datasets", "checks", "probes")
-STRENGTH_JSON = REPO_ROOT / ".benchmarks" / "strength-per-cost.json"
+STRENGTH_JSON = REPO_ROOT / "leaderboards" / "strength-per-cost.json"  # committed: AutoAttack's rows take hours
 
 
 def default_home() -> Path:
@@ -59,7 +59,7 @@ def _parser() -> argparse.ArgumentParser:
     cost.add_argument("json", nargs="?", type=Path, default=REPO_ROOT / ".benchmarks" / "attack-cost.json")
     cost.add_argument("--out", type=Path, default=REPO_ROOT / "leaderboards", help="leaderboard folder")
     cost.add_argument("--strength", type=Path, default=STRENGTH_JSON,
-                      help="strength-per-cost JSON to include when it exists (default .benchmarks/strength-per-cost.json)")
+                      help="strength-per-cost JSON to include when it exists (default leaderboards/strength-per-cost.json)")
     cost.add_argument("--strength-only", action="store_true",
                       help="rewrite only the page's strength section from --strength, keeping its timing tables")
     text = "convert a .pt/.pth state dict to safetensors (read with torch.load(weights_only=True), never unpickled)"
@@ -74,7 +74,9 @@ def _parser() -> argparse.ArgumentParser:
     strength.add_argument("spec", nargs="?", default=DEFAULT_SPEC, help=f"benchmark TOML (default {DEFAULT_SPEC})")
     strength.add_argument("--case", action="append", default=None, metavar="DEFENSE:NORM:EPS",
                           help="a comparison, repeatable (default: the cases of harness.strength.CASES, listed in the README)")
-    strength.add_argument("--json", type=Path, default=STRENGTH_JSON, help="where to write the result")
+    strength.add_argument("--json", type=Path, default=STRENGTH_JSON,
+                          help="the comparisons' store (default leaderboards/strength-per-cost.json): kept, added to and "
+                               "rewritten after each comparison; its AutoAttack rows are reused where they still match")
     strength.add_argument("--reuse", type=Path, default=None, metavar="JSON",
                           help="an earlier strength-per-cost JSON: take its AutoAttack rows where the weights, examples, "
                                "threat, attack options, seed, device and library versions all match, instead of "
@@ -158,15 +160,16 @@ def _strength(args) -> int:
             cases.append((parts[0], Norm.parse(parts[1]), float(parts[2])))
     reuse = strength.load(args.reuse) if args.reuse is not None else []
     _threads(spec)  # the checkpoint keys record it: the board's own models, not retrained ones
-    result = strength.compare_cases(spec, cases, cache_dir=(args.home or default_home()) / "checkpoints",
+    result = strength.compare_cases(spec, cases, path=args.json, cache_dir=(args.home or default_home()) / "checkpoints",
                                     device=resolve_device(args.device), progress=not args.no_progress, reuse=reuse)
-    for comparison in result["comparisons"]:
+    asked = {(spec.name, defense, norm.value, eps) for defense, norm, eps in cases}
+    for comparison in (c for c in result["comparisons"] if strength.case_of(c) in asked):
         for row in comparison["rows"]:
             print(f"harness: {comparison['defense']} {comparison['norm']} {comparison['eps']:g}: {row['label']}: "
                   f"{row['robust']:.1f}% robust, {row['forward_evals'] + row['gradient_evals']} model evaluations, "
                   f"{row['seconds']:.1f} s" + (f" (reused from {row['reused_from']['date'][:10]})"
                                                if row.get("reused_from") else ""))
-    print(f"harness: wrote {strength.write(result, args.json)}")
+    print(f"harness: wrote {args.json} ({len(result['comparisons'])} comparisons)")
     return 0
 
 

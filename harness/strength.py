@@ -167,9 +167,31 @@ def reusable_row(reuse: list[dict], identity: dict, attack_id: str, options: tup
     return None
 
 
-def compare_cases(spec: BenchmarkSpec, cases, **options) -> dict:
-    """`compare` for each (defense, norm, eps) of `cases`, in one result: {"comparisons": [...]}."""
-    return {"comparisons": [compare(spec, defense=defense, norm=norm, eps=eps, **options) for defense, norm, eps in cases]}
+def compare_cases(spec: BenchmarkSpec, cases, *, path: Path | None = None, reuse: list[dict] = (), **options) -> dict:
+    """`compare` for each (defense, norm, eps) of `cases`, in one result: {"comparisons": [...]}.
+
+    With `path`, the JSON there is a store that the run adds to: its comparisons are kept (several benchmarks'
+    comparisons share one page), a comparison of the same benchmark, defense and threat is replaced in place, its
+    contender rows are reused where they still match (`reusable_row`), and the file is rewritten after every
+    comparison. AutoAttack's rows take hours on a CPU: an interrupted run keeps what it finished, and a rerun after a
+    change to our columns recomputes only ours."""
+    stored = load(path) if path is not None and Path(path).is_file() else []
+    reuse = [*reuse, *stored]
+    for defense, norm, eps in cases:
+        comparison = compare(spec, defense=defense, norm=norm, eps=eps, reuse=reuse, **options)
+        same = [i for i, earlier in enumerate(stored) if case_of(earlier) == case_of(comparison)]
+        if same:
+            stored[same[0]] = comparison
+        else:
+            stored.append(comparison)
+        if path is not None:
+            write({"comparisons": stored}, path)
+    return {"comparisons": stored}
+
+
+def case_of(comparison: dict) -> tuple:
+    """What a comparison compares: (benchmark, defense, norm, eps)."""
+    return comparison.get("benchmark"), comparison["defense"], comparison["norm"], comparison["eps"]
 
 
 def _row(label: str, attack: str, robust: np.ndarray, seconds: float, forward: int, gradient: int,
@@ -180,14 +202,22 @@ def _row(label: str, attack: str, robust: np.ndarray, seconds: float, forward: i
 
 
 def write(result: dict, path: Path) -> Path:
+    """Whole or not at all: the file is a store of hours of AutoAttack runs, and an interrupted write must not
+    truncate it."""
+    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(result, indent=1))
+    partial = path.with_name(path.name + ".partial")
+    partial.write_text(json.dumps(result, indent=1))
+    partial.replace(path)
     return path
 
 
 def load(path: Path) -> list[dict]:
     """The comparisons in a strength-per-cost JSON (one, or several under "comparisons")."""
-    result = json.loads(Path(path).read_text())
+    try:
+        result = json.loads(Path(path).read_text())
+    except json.JSONDecodeError as error:
+        raise ValueError(f"{path}: not a strength-per-cost result (not JSON: {error})") from None
     comparisons = result.get("comparisons", [result]) if isinstance(result, dict) else []
     for comparison in comparisons or [{}]:
         missing = {"defense", "norm", "eps", "examples", "rows"} - set(comparison)

@@ -1,4 +1,6 @@
 """Strength per cost: our cascade and AutoAttack side by side on one defense (harness.strength)."""
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -103,6 +105,43 @@ def test_ours_is_the_per_example_worst_case_and_contenders_are_counted(tmp_path,
                              device=torch.device("cpu"), contenders=CONTENDERS, progress=False, data=mnist,
                              reuse=[elsewhere, other_threads])
     assert again["rows"][1]["robust_vector"] == autoattack["robust_vector"] and "reused_from" not in again["rows"][1]
+
+
+def test_a_comparison_store_keeps_what_finished_replaces_a_case_in_place_and_offers_its_rows_for_reuse(
+        tmp_path, monkeypatch):
+    """strength-per-cost's JSON holds hours of AutoAttack runs: every comparison is written as it finishes, a rerun
+    replaces only its own case (other benchmarks' comparisons stay), and the stored rows are offered for reuse."""
+    offered = []
+
+    def compare(spec, *, defense, norm, eps, reuse, **options):
+        offered.append((defense, [comparison["rows"][0]["label"] for comparison in reuse]))
+        if defense == "interrupted":
+            raise KeyboardInterrupt
+        return {"benchmark": spec.name, "defense": defense, "norm": norm.value, "eps": eps, "examples": 1,
+                "rows": [{"label": f"new {defense}"}]}
+
+    monkeypatch.setattr(strength, "compare", compare)
+    store = tmp_path / "leaderboards" / "strength-per-cost.json"
+    strength.write({"comparisons": [
+        {"benchmark": "b", "defense": "a", "norm": "linf", "eps": 0.3, "examples": 1, "rows": [{"label": "old a"}]},
+        {"benchmark": "other", "defense": "a", "norm": "linf", "eps": 0.3, "examples": 1, "rows": [{"label": "other a"}]},
+    ]}, store)
+    spec = type("Spec", (), {"name": "b"})()
+    with pytest.raises(KeyboardInterrupt):
+        strength.compare_cases(spec, [("a", Norm.LINF, 0.3), ("c", Norm.L2, 2.0), ("interrupted", Norm.LINF, 0.3)],
+                               path=store)
+    assert [c["rows"][0]["label"] for c in strength.load(store)] == ["new a", "other a", "new c"]
+    assert offered[0] == ("a", ["old a", "other a"])
+    # a write cut short (a full disk, a killed process) leaves the store as it was
+    real_write_text = Path.write_text
+    monkeypatch.setattr(Path, "write_text", lambda path, text: real_write_text(path, text[:10]) and 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        strength.write({"comparisons": []}, store)
+    monkeypatch.setattr(Path, "write_text", real_write_text)
+    assert [c["rows"][0]["label"] for c in strength.load(store)] == ["new a", "other a", "new c"]
+    store.write_text('{"comparisons": [')
+    with pytest.raises(ValueError, match="strength-per-cost.json: not a strength-per-cost result .not JSON"):
+        strength.compare_cases(spec, [("a", Norm.LINF, 0.3)], path=store)
 
 
 def test_bad_requests_name_what_is_allowed(tmp_path, mnist):
