@@ -179,11 +179,8 @@ def compare_cases(spec: BenchmarkSpec, cases, *, path: Path | None = None, reuse
     reuse = [*reuse, *stored]
     for defense, norm, eps in cases:
         comparison = compare(spec, defense=defense, norm=norm, eps=eps, reuse=reuse, **options)
-        same = [i for i, earlier in enumerate(stored) if case_of(earlier) == case_of(comparison)]
-        if same:
-            stored[same[0]] = comparison
-        else:
-            stored.append(comparison)
+        index = next((i for i, earlier in enumerate(stored) if case_of(earlier) == case_of(comparison)), len(stored))
+        stored[index:index + 1] = [comparison]  # replaces the same case in place, or appends
         if path is not None:
             write({"comparisons": stored}, path)
     return {"comparisons": stored}

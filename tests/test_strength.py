@@ -134,8 +134,13 @@ def test_a_comparison_store_keeps_what_finished_replaces_a_case_in_place_and_off
     assert offered[0] == ("a", ["old a", "other a"])
     # a write cut short (a full disk, a killed process) leaves the store as it was
     real_write_text = Path.write_text
-    monkeypatch.setattr(Path, "write_text", lambda path, text: real_write_text(path, text[:10]) and 1 / 0)
-    with pytest.raises(ZeroDivisionError):
+
+    def cut_short(path, text):
+        real_write_text(path, text[:10])
+        raise OSError("no space left on device")
+
+    monkeypatch.setattr(Path, "write_text", cut_short)
+    with pytest.raises(OSError, match="no space left"):
         strength.write({"comparisons": []}, store)
     monkeypatch.setattr(Path, "write_text", real_write_text)
     assert [c["rows"][0]["label"] for c in strength.load(store)] == ["new a", "other a", "new c"]
