@@ -141,3 +141,28 @@ def test_the_cost_is_also_given_per_threat_since_the_total_depends_on_which_thre
     text = "\n".join(strength_summary([comparison("pgd-at", 62.0, 63.0), l2, comparison("trades", 42.0, 43.0)]))
     assert "for **0.067** of its model evaluations in total (600 against 9,000" in text
     assert "by threat: L∞ 0.3 0.050 (2 comparisons); L2 2 0.100 (1 comparison)." in text
+
+
+def test_the_masked_comparisons_get_their_own_share_beside_the_total():
+    """A comparison where a column without the model's gradients (Square) broke what every gradient column left
+    pays Square's full budget; its share is given apart so that it neither hides nor inflates the sound rows'."""
+    from harness.reports.attack_cost import strength_summary
+
+    def with_columns(result, square_broke, ours_evals):
+        ours = {**result["rows"][0], "forward_evals": ours_evals, "gradient_evals": 0, "columns": [
+            {"label": "clean", "forward_evals": 100, "gradient_evals": 0, "broken_first": 0},
+            {"label": "pgd", "forward_evals": 50, "gradient_evals": 50, "broken_first": 3},
+            {"label": "square", "forward_evals": ours_evals - 200, "gradient_evals": 0, "broken_first": square_broke}]}
+        return {**result, "rows": [ours, result["rows"][1]]}
+
+    masked = {**with_columns(comparison("binarized", 73.4, 73.2), 100, 1500), "commit": "def",
+              "date": "2026-12-06T00:00:00"}
+    sound = [with_columns(comparison("pgd-at", 62.0, 63.0), 0, 300), with_columns(comparison("trades", 42.0, 43.0), 0, 300)]
+    text = "\n".join(strength_summary([*sound, masked]))
+    assert "for **0.233** of its model evaluations in total (2,100 against 9,000" in text
+    assert ("on the 1 comparison where a column that takes no gradient of the model broke examples every gradient "
+            "column had left") in text
+    assert "budget: binarized L∞ 0.3) ours spent **0.500** of AutoAttack's evaluations; on the other 2, **0.100**." in text
+    assert "commits abc, def, 2026-12-02 to 2026-12-06)" in text
+    assert "Apart:" not in "\n".join(strength_summary(sound))  # nothing to set apart
+    assert "commit abc, 2026-12-02)" in "\n".join(strength_summary(sound))
