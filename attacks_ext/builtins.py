@@ -1,2 +1,3 @@
 """The built-in attacks: importing this module (the `attacks` entry point) registers each in ATTACKS."""
-from attacks_ext import adapters, autoattack, onestep, pgd, second_order  # noqa: F401  (registration side effects)
+from attacks_ext import (  # noqa: F401  (registration side effects)
+    adapters, autoattack, autoattack_standard, onestep, pgd, second_order)

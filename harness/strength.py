@@ -54,7 +54,7 @@ CASES = (("pgd-at", Norm.LINF, 0.3), ("trades", Norm.LINF, 0.3), ("ls-gn", Norm.
 
 
 def default_contenders(norm: Norm) -> tuple:
-    from attacks_ext.autoattack import original_autoattack_installed
+    from attacks_ext.autoattack_standard import original_autoattack_installed
 
     return ((ORIGINAL[norm],) if original_autoattack_installed() else ()) + (PORT[norm],)
 

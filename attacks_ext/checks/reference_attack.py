@@ -8,7 +8,7 @@ from scipy import stats
 
 from attacks_ext.checks.per_norm import PerNormCheck, _per_norm
 from harness.check_types import rank_eps
-from attacks_ext.autoattack import original_autoattack_installed
+from attacks_ext.autoattack_standard import original_autoattack_installed
 from harness.check_types import AttackRequest, Status, Verdict, _count, _missing, _number
 from harness.registry import ATTACKS, CHECKS
 from harness.threat import Norm, check_eps
