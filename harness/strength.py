@@ -42,7 +42,8 @@ ORIGINAL = {
 # The cases attack-cost.md compares by default: (defense, norm, eps). The issue's six, then the L2 cells where
 # AutoAttack was 2-4 examples ahead of the chain before its last three L2 columns (natural, ls-gn, lsq-gn, fgsm-at,
 # step-ll-at) and TRADES, whose L2 column leans on S-O; then the L2 defenses no column was tuned on (fgsm-at-full, gn,
-# step-rnd-at) and the board's other L-inf eps, where the top target alone left ls-gn 4 examples above AutoAttack.
+# step-rnd-at) and the board's other L-inf eps, where the top target alone left ls-gn 4 examples above AutoAttack;
+# trades' seed replicas; last the planted masked model at each threat, where only Square breaks anything.
 CASES = (("pgd-at", Norm.LINF, 0.3), ("trades", Norm.LINF, 0.3), ("ls-gn", Norm.LINF, 0.3), ("fgsm-at-full", Norm.LINF, 0.3),
          ("pgd-at", Norm.L2, 2.0), ("pgd-at-l2", Norm.L2, 2.0), ("natural", Norm.L2, 2.0), ("ls-gn", Norm.L2, 2.0),
          ("lsq-gn", Norm.L2, 2.0), ("fgsm-at", Norm.L2, 2.0), ("step-ll-at", Norm.L2, 2.0), ("trades", Norm.L2, 2.0),
@@ -50,7 +51,8 @@ CASES = (("pgd-at", Norm.LINF, 0.3), ("trades", Norm.LINF, 0.3), ("ls-gn", Norm.
          ("ls-gn", Norm.LINF, 0.1), ("gn", Norm.LINF, 0.1), ("step-ll-at", Norm.LINF, 0.1), ("lsq-gn", Norm.LINF, 0.1),
          ("step-rnd-at", Norm.LINF, 0.1), ("fgsm-at", Norm.LINF, 0.1), ("trades", Norm.LINF, 0.1),
          ("fgsm-at-full", Norm.LINF, 0.1), ("pgd-at-l2", Norm.LINF, 0.1), ("pgd-at", Norm.LINF, 0.1),
-         ("trades@seed1", Norm.LINF, 0.3), ("trades@seed2", Norm.LINF, 0.3))
+         ("trades@seed1", Norm.LINF, 0.3), ("trades@seed2", Norm.LINF, 0.3),
+         ("binarized", Norm.L2, 2.0), ("binarized", Norm.LINF, 0.3), ("binarized", Norm.LINF, 0.1))
 
 
 def default_contenders(norm: Norm) -> tuple:
