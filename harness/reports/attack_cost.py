@@ -138,7 +138,7 @@ def _share(rows: list[dict]) -> float:
 def strength_summary(comparisons: list[dict]) -> list[str]:
     """One row per compared (defense, threat): ours against AutoAttack, examples each broke that the other missed,
     model evaluations; then the totals against the targets."""
-    rows, met = [], 0
+    rows, masked_flags, met = [], [], 0
     benchmarks = list(dict.fromkeys(result["benchmark"] for result in comparisons))
     for result in comparisons:
         ours, reference = _ours(result), _reference(result["rows"])
@@ -157,8 +157,8 @@ def strength_summary(comparisons: list[dict]) -> list[str]:
             "ours broke, AA missed": reference["missed_by_this"],
             "ours evals": _evaluations(ours), "AA evals": _evaluations(reference),
             "ours / AA evals": _evaluations(ours) / max(_evaluations(reference), 1),
-            "masked": _gradients_failed(result),
         })
+        masked_flags.append(_gradients_failed(result))
     if not rows:
         return []
     ours_total, reference_total = sum(row["ours evals"] for row in rows), sum(row["AA evals"] for row in rows)
@@ -166,8 +166,8 @@ def strength_summary(comparisons: list[dict]) -> list[str]:
     by_threat: dict[str, list[dict]] = {}  # in the order first seen
     for row in rows:
         by_threat.setdefault(row["threat"], []).append(row)
-    masked = [row for row in rows if row.pop("masked")]
-    sound = [row for row in rows if row not in masked]
+    masked = [row for row, flag in zip(rows, masked_flags) if flag]
+    sound = [row for row, flag in zip(rows, masked_flags) if not flag]
     named = ", ".join(row["defense"] + " " + row["threat"] for row in masked)
     apart = [] if not masked or not sound else [
         f"Apart: on the {len(masked)} comparison{'s' if len(masked) > 1 else ''} where a column that takes no gradient "
